@@ -1,0 +1,210 @@
+"""The one settings object of chatq, read from `CHATQ_*` environment variables.
+
+Fields are grouped by topic (api, worker, queue, redis, llm, llmsim, telemetry, log); a
+field `port` of the group `api` is set by `CHATQ_API_PORT`. Settings are built in the entry
+point (`chatq.cli`) and passed down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The model name llmsim answers to; also what chatq asks for when it falls back to llmsim.
+SIMULATOR_MODEL = "chatq-sim-1"
+
+
+class _Group(BaseModel):
+    """A topic of settings; attribute docstrings become the field descriptions."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+
+
+class ApiSettings(_Group):
+    """The HTTP API process."""
+
+    host: str = "127.0.0.1"
+    """Address uvicorn binds to; `0.0.0.0` in containers. Default 127.0.0.1."""
+    port: int = 8000
+    """TCP port of the API. Default 8000."""
+    keys: str = ""
+    """Comma-separated API keys, each plain or as `sha256:<hex digest>`; kept only hashed.
+    Empty (the default) leaves the API open, which it logs at start."""
+    max_body_bytes: int = 64 * 1024
+    """Largest accepted request body in bytes; larger gets 413. Default 65536."""
+    max_wait_seconds: float = 60.0
+    """Upper bound of `?wait=` long-polls, in seconds. Default 60."""
+    public_url: str = ""
+    """Base URL used in `Location` headers when behind a proxy; empty means relative."""
+
+
+class WorkerSettings(_Group):
+    """The worker process."""
+
+    concurrency: int = Field(32, ge=1)
+    """Jobs one worker process runs at once (one semaphore). Default 32."""
+    batch_size: int = Field(10, ge=1, le=10)
+    """Messages taken per receive call (SQS allows at most 10). Default 10."""
+    grace_seconds: float = 25.0
+    """On SIGTERM, how long in-flight jobs may run before they are handed back. Default 25 s;
+    keep it below the pod's terminationGracePeriodSeconds."""
+    heartbeat_seconds: float = 0.0
+    """How often leases are renewed while the model runs; 0 means a third of the queue's
+    visibility timeout. Default 0."""
+    id: str = ""
+    """Worker identity (Redis consumer name, busy-count key); empty means hostname-pid."""
+    busy_report_seconds: float = 5.0
+    """How often the worker writes its in-flight count to Redis for the operator. Default 5 s."""
+
+
+class QueueSettings(_Group):
+    """The job queue: Redis Streams (embedded default) or AWS SQS."""
+
+    backend: Literal["redis", "sqs"] = "redis"
+    """`redis` (Redis Streams, the default) or `sqs` (AWS SQS or ElasticMQ)."""
+    name: str = "chatq-jobs"
+    """Stream name (redis) or queue name (sqs); the dead-letter one is `<name>-dlq`."""
+    group: str = "chatq-workers"
+    """Redis Streams consumer group of the workers (redis only)."""
+    url: str = ""
+    """SQS queue URL; empty means look it up (or create it) by `name` (sqs only)."""
+    region: str = "us-east-1"
+    """AWS region (sqs only). Default us-east-1."""
+    endpoint: str = ""
+    """SQS endpoint override, e.g. ElasticMQ's http://localhost:9324 (sqs only)."""
+    create: bool = True
+    """Create the queue and its dead-letter queue at start when missing. Default true."""
+    visibility_seconds: int = Field(30, ge=1)
+    """Lease length: a message not renewed for this long goes to another worker. Default 30."""
+    wait_seconds: int = Field(20, ge=0, le=20)
+    """Long-poll wait of one receive call, in seconds. Default 20 (the SQS maximum)."""
+    max_receives: int = Field(5, ge=1)
+    """Deliveries of one message before it is dead-lettered. Default 5."""
+
+
+class RedisSettings(_Group):
+    """Redis, home of job records and token streams (and of the queue when backend=redis)."""
+
+    url: str = "redis://localhost:6379/0"
+    """Redis URL. Default redis://localhost:6379/0."""
+    results_ttl_seconds: int = Field(24 * 3600, ge=60)
+    """How long a job record and its token stream live, in seconds. Default 86400 (24 h)."""
+    timeout_seconds: float = 5.0
+    """Socket timeout of Redis calls; an unreachable Redis fails fast with 503. Default 5 s."""
+
+
+class LlmSettings(_Group):
+    """The OpenAI-compatible model the workers call."""
+
+    base_url: str = ""
+    """Base URL of an OpenAI-compatible API (vLLM, Ollama, llama.cpp, Azure...). With neither
+    this nor `api_key` set, chatq uses llmsim at `CHATQ_LLMSIM_HOST:PORT`."""
+    api_key: str = ""
+    """API key sent as a bearer token; empty for local servers that need none."""
+    model: str = ""
+    """Default model name; empty means gpt-4o-mini on OpenAI, chatq-sim-1 on llmsim."""
+    timeout_seconds: float = 120.0
+    """Longest a single model call may take, in seconds. Default 120."""
+    max_attempts: int = Field(4, ge=1)
+    """Attempts of one job's model call on 429, 5xx and timeouts. Default 4."""
+    backoff_base_seconds: float = 0.5
+    """First retry delay in seconds, doubled each attempt, jittered, capped. Default 0.5."""
+    backoff_max_seconds: float = 30.0
+    """Longest retry delay in seconds, `retry-after` included. Default 30."""
+    max_tokens: int = 1024
+    """Default max_tokens when a request names none. Default 1024."""
+
+
+class LlmsimSettings(_Group):
+    """llmsim, the built-in OpenAI-compatible simulator."""
+
+    host: str = "127.0.0.1"
+    """Address llmsim binds to. Default 127.0.0.1."""
+    port: int = 8100
+    """TCP port of llmsim. Default 8100."""
+    ttft_ms: float = 200.0
+    """Time to first token in milliseconds. Default 200."""
+    itl_ms: float = 20.0
+    """Time between tokens in milliseconds. Default 20."""
+    tokens: int = 24
+    """Tokens per answer, unless max_tokens is lower. Default 24."""
+    error_rate_429: float = 0.0
+    """Share of requests answered 429 with `retry-after`. Default 0."""
+    error_rate_500: float = 0.0
+    """Share of requests answered 500. Default 0."""
+    hang_rate: float = 0.0
+    """Share of requests that never answer (to test timeouts). Default 0."""
+    retry_after_seconds: float = 0.2
+    """The `retry-after` value of injected 429s, in seconds. Default 0.2."""
+
+
+class TelemetrySettings(_Group):
+    """Metrics and traces; OTLP export itself is configured by the standard OTEL_* vars."""
+
+    metrics_port: int = 0
+    """Port of the worker's /metrics server; 0 means 9100 for the worker. Default 0."""
+    capture_content: bool = False
+    """Log and trace question and answer text. Default false: no user text leaves the job."""
+
+
+class LogSettings(_Group):
+    """Logging, configured only in the entry point."""
+
+    level: str = "INFO"
+    """Log level name. Default INFO."""
+    json_format: bool = False
+    """One JSON object per line (for Loki) instead of plain text. Default false."""
+
+
+class Settings(BaseSettings):
+    """All of chatq's settings; `CHATQ_<GROUP>_<FIELD>` sets `<group>.<field>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHATQ_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="ignore",
+    )
+
+    api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
+    queue: QueueSettings = QueueSettings()
+    redis: RedisSettings = RedisSettings()
+    llm: LlmSettings = LlmSettings()
+    llmsim: LlmsimSettings = LlmsimSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def uses_simulator(self) -> bool:
+        """True when no model is configured, so llmsim answers."""
+        return not self.llm.base_url and not self.llm.api_key
+
+    @property
+    def llm_base_url(self) -> str | None:
+        """Where the openai client points; None means the SDK's default (OpenAI)."""
+        if self.uses_simulator:
+            return f"http://{self.llmsim.host}:{self.llmsim.port}/v1"
+        return self.llm.base_url or None
+
+    @property
+    def llm_model(self) -> str:
+        """The model asked for when a request names none."""
+        if self.llm.model:
+            return self.llm.model
+        return SIMULATOR_MODEL if self.uses_simulator else "gpt-4o-mini"
+
+
+def env_table() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting: the README table and `--help`."""
+    rows = []
+    for group, field in Settings.model_fields.items():
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name, sub in model.model_fields.items():
+            default = sub.default
+            shown = str(default).lower() if isinstance(default, bool) else str(default)
+            rows.append((f"CHATQ_{group}_{name}".upper(), shown, (sub.description or "").strip()))
+    return rows
