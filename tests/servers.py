@@ -1,0 +1,180 @@
+"""Real servers for tests, each on a free loopback port, always stopped afterwards.
+
+Context managers, so any suite can use them (tests/, k8s-tests/, bench/):
+`redis_server()`, `elasticmq_server()` and `chatq_process(...)`, which runs one `chatq`
+subcommand (api, worker, llmsim) as a real process and waits until it answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: object, what: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
+             log: Path | None = None) -> None:
+    """Call `check()` until it returns truthy; fail with what we waited for and the log."""
+    deadline = time.monotonic() + timeout
+    assert callable(check)
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-3000:] if log else ""
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+
+
+def http_ok(url: str) -> bool:
+    """True when GET url answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return 200 <= int(resp.status) < 300
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    """A started server: its URL, process and log file."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the process, wait for it, and return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        """What the process has printed so far."""
+        return self.log.read_text(errors="replace")
+
+
+def _popen(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None) -> Iterator[Server]:
+    """A throwaway redis-server without persistence."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed: run scripts/setup (apt-get install redis-server)")
+    port = port or free_port()
+    with tempfile.TemporaryDirectory(prefix="chatq-redis-") as tmp:
+        log = Path(tmp) / "redis.log"
+        proc = _popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "no", "--dir", tmp], log)
+        server = Server(f"redis://127.0.0.1:{port}/0", port, proc, log)
+        try:
+            wait_for(lambda: socket.create_connection(("127.0.0.1", port), 0.2).close() is None,
+                     f"redis-server on port {port}", 15, proc, log)
+            yield server
+        finally:
+            server.stop()
+
+
+def elasticmq_home() -> Path:
+    """Where scripts/setup --elasticmq put the ElasticMQ jars."""
+    marker = REPO / ".venv" / ".elasticmq-home"
+    if not marker.exists():
+        raise RuntimeError("ElasticMQ is not set up: run scripts/setup --elasticmq")
+    return Path(marker.read_text().strip())
+
+
+@contextlib.contextmanager
+def elasticmq_server(port: int | None = None) -> Iterator[Server]:
+    """A real ElasticMQ (SQS-compatible) server, in memory."""
+    port = port or free_port()
+    home = elasticmq_home()
+    with tempfile.TemporaryDirectory(prefix="chatq-elasticmq-") as tmp:
+        conf = Path(tmp) / "elasticmq.conf"
+        conf.write_text(
+            'include classpath("application.conf")\n'
+            f'node-address {{ protocol = http, host = "127.0.0.1", port = {port}, context-path = "" }}\n'
+            f'rest-sqs {{ enabled = true, bind-port = {port}, bind-hostname = "127.0.0.1", sqs-limits = strict }}\n'
+            "rest-stats { enabled = false }\n"
+        )
+        log = Path(tmp) / "elasticmq.log"
+        proc = _popen(["java", "-Xmx256m", f"-Dconfig.file={conf}", "-cp", f"{home}/lib/*",
+                       "org.elasticmq.server.Main"], log)
+        url = f"http://127.0.0.1:{port}"
+        server = Server(url, port, proc, log)
+        try:
+            wait_for(lambda: http_ok(f"{url}/?Action=ListQueues"), f"ElasticMQ on port {port}", 60, proc, log)
+            yield server
+        finally:
+            server.stop()
+
+
+def chatq_env(**overrides: str) -> dict[str, str]:
+    """The environment for a chatq process: this one's, minus stray CHATQ_ and OTEL_ vars."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATQ_", "OTEL_"))}
+    env.update(overrides)
+    return env
+
+
+@contextlib.contextmanager
+def chatq_process(command: str, env: dict[str, str], *args: str, port_var: str = "",
+                  health_path: str = "/healthz", tmp: Path | None = None) -> Iterator[Server]:
+    """Run `chatq <command>` as a real process; wait until its health endpoint answers.
+
+    `port_var` names the setting that holds its port (e.g. CHATQ_API_PORT); a free port is
+    chosen when the env does not set it.
+    """
+    env = dict(env)
+    port = 0
+    if port_var:
+        port = int(env.setdefault(port_var, str(free_port())))
+    logdir = Path(tmp or tempfile.mkdtemp(prefix=f"chatq-{command}-"))
+    log = logdir / f"{command}-{port or os.getpid()}-{time.monotonic_ns()}.log"
+    proc = _popen([sys.executable, "-m", "chatq", command, *args], log, env)
+    server = Server(f"http://127.0.0.1:{port}", port, proc, log)
+    try:
+        if port:
+            wait_for(lambda: http_ok(f"{server.url}{health_path}"), f"chatq {command} on port {port}",
+                     30, proc, log)
+        yield server
+    finally:
+        server.stop()
