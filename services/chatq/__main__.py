@@ -1,0 +1,5 @@
+"""`python -m chatq` is the `chatq` command."""
+
+from chatq.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""The HTTP API: `create_app(settings)` builds the FastAPI app; `chatq api` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatq import errors, metrics, results, telemetry
+from chatq import settings as settings_mod
+from chatq.api import deps
+from chatq.api.routes import chat, health
+from chatq.queues import open_queue
+
+log = logging.getLogger(__name__)
+
+_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                409: "conflict", 413: "too_large", 422: "invalid_request", 429: "too_many_requests",
+                503: "unavailable"}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
+           ) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+class BodyTooLarge(Exception):
+    """The request body passed CHATQ_API_MAX_BODY_BYTES."""
+
+
+class LimitsAndMetrics:
+    """Pure ASGI middleware: request-size limit (413) and per-route Prometheus metrics."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await _error(413, "too_large", f"the request body is over {self.max_body} bytes")(
+                scope, receive, send)
+            self._observe(scope, 413, 0.0)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise BodyTooLarge()
+            return message
+
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            self._observe(scope, status, time.perf_counter() - started)
+
+    @staticmethod
+    def _observe(scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http_requests.labels(scope["method"], path, str(status)).inc()
+        metrics.http_latency.labels(scope["method"], path).observe(seconds)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
+    problems = exc.errors()
+    first = problems[0] if problems else {}
+    if first.get("type") == "json_invalid":
+        return 400, "invalid_json", "the request body is not valid JSON"
+    if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        return 400, "empty_body", "the request needs a JSON body"
+    parts = []
+    for p in problems[:5]:
+        where = ".".join(str(x) for x in p.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {p.get('msg', 'invalid')}")
+    return 422, "invalid_request", "; ".join(parts)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail: Any = exc.detail
+        if isinstance(detail, dict) and "code" in detail:
+            return _error(exc.status_code, detail["code"], detail["message"], exc.headers)
+        return _error(exc.status_code, _ERROR_CODES.get(exc.status_code, "error"), str(detail),
+                      exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(*_validation_message(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, _: BodyTooLarge) -> JSONResponse:
+        limit = request.app.state.settings.api.max_body_bytes
+        return _error(413, "too_large", f"the request body is over {limit} bytes")
+
+    @app.exception_handler(errors.StoreUnavailable)
+    async def unavailable(_: Request, exc: errors.StoreUnavailable) -> JSONResponse:
+        return _error(503, "store_unavailable", f"chatq cannot reach its store: {exc}",
+                      {"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, "internal", "internal error; the server log has the details")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: settings_mod.Settings = app.state.settings
+    store = results.Store.from_url(settings.redis.url, settings.redis.results_ttl_seconds,
+                                   settings.redis.timeout_seconds)
+    queue = open_queue(settings)
+    waiter = results.DoneWaiter(store.redis)
+    app.state.store, app.state.queue, app.state.waiter = store, queue, waiter
+    app.state.queue_ready = False
+    app.state.queue_setup_lock = asyncio.Lock()
+    try:
+        await queue.setup()
+        app.state.queue_ready = True
+    except errors.ChatqError as exc:
+        log.warning("the %s queue is not ready yet (%s); retrying on the first request",
+                    queue.backend, exc)
+    await waiter.start()
+    if not app.state.key_hashes:
+        log.warning("no CHATQ_API_KEYS set: the API is open to anyone who can reach it")
+    log.info("api ready: %s queue %r, redis %s, model %s%s", queue.backend, queue.name,
+             settings.redis.url.split("@")[-1], settings.llm_model,
+             " (llmsim)" if settings.uses_simulator else "")
+    try:
+        yield
+    finally:
+        await waiter.stop()
+        await queue.close()
+        await store.close()
+
+
+def create_app(settings: settings_mod.Settings) -> FastAPI:
+    """The chatq API app for these settings."""
+    app = FastAPI(
+        title="chatq", version="1",
+        description="Asynchronous LLM questions: POST a chat, get a job id, poll or stream it.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.key_hashes = deps.parse_keys(settings.api.keys)
+    app.include_router(chat.router)
+    app.include_router(chat.aliases)
+    app.include_router(health.router)
+    _install_error_handlers(app)
+    app.add_middleware(LimitsAndMetrics, max_body=settings.api.max_body_bytes)
+    telemetry.instrument_app(app)
+    return app

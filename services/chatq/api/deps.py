@@ -1,0 +1,86 @@
+"""FastAPI dependencies of the routes: settings, the store, the queue, the caller's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from chatq import results
+from chatq import settings as settings_mod
+from chatq.queues import Queue
+
+OPEN_OWNER = "open"
+
+
+def hash_key(key: str) -> str:
+    """How an API key is kept: its SHA-256, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_keys(raw: str) -> frozenset[str]:
+    """CHATQ_API_KEYS as hashes: each entry plain (hashed here) or `sha256:<hex>`."""
+    hashes = set()
+    for entry in (e.strip() for e in raw.split(",")):
+        if not entry:
+            continue
+        if entry.startswith("sha256:"):
+            hashes.add(entry.removeprefix("sha256:").lower())
+        else:
+            hashes.add(hash_key(entry))
+    return frozenset(hashes)
+
+
+def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None
+              ) -> HTTPException:
+    """An HTTPException that the app renders as {"error": {"code", "message"}}."""
+    return HTTPException(status, detail={"code": code, "message": message}, headers=headers)
+
+
+def get_settings(request: Request) -> settings_mod.Settings:
+    settings: settings_mod.Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> results.Store:
+    store: results.Store = request.app.state.store
+    return store
+
+
+def get_queue(request: Request) -> Queue:
+    queue: Queue = request.app.state.queue
+    return queue
+
+
+def get_waiter(request: Request) -> results.DoneWaiter:
+    waiter: results.DoneWaiter = request.app.state.waiter
+    return waiter
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from CHATQ_API_KEYS.")
+
+
+def get_owner(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                        Depends(_bearer)]) -> str:
+    """Who is calling: a digest of their API key, or `open` when no keys are configured."""
+    keys: frozenset[str] = request.app.state.key_hashes
+    if not keys:
+        return OPEN_OWNER
+    if credentials is None:
+        raise api_error(401, "unauthorized", "send your API key as 'Authorization: Bearer <key>'",
+                        {"WWW-Authenticate": "Bearer"})
+    digest = hash_key(credentials.credentials)
+    if not any(hmac.compare_digest(digest, k) for k in keys):
+        raise api_error(401, "unauthorized", "this API key is not valid",
+                        {"WWW-Authenticate": "Bearer"})
+    return digest[:32]
+
+
+SettingsDep = Annotated[settings_mod.Settings, Depends(get_settings)]
+StoreDep = Annotated[results.Store, Depends(get_store)]
+QueueDep = Annotated[Queue, Depends(get_queue)]
+WaiterDep = Annotated[results.DoneWaiter, Depends(get_waiter)]
+OwnerDep = Annotated[str, Depends(get_owner)]

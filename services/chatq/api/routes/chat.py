@@ -1,0 +1,221 @@
+"""The v1 chat routes (and the seed's aliases `POST /chat`, `GET /result/{id}`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from chatq import errors, jobs, metrics, telemetry
+from chatq.api.deps import OwnerDep, QueueDep, SettingsDep, StoreDep, WaiterDep, api_error
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+aliases = APIRouter(tags=["seed aliases"])
+
+JobId = Annotated[str, Path(description="The job id from POST /v1/chat.", max_length=64)]
+_EVENT_ID = re.compile(r"^\d+-\d+$")
+# Long-polls re-read the record at least this often, in case a wake-up was missed.
+WAIT_RECHECK_SECONDS = 1.0
+SSE_KEEPALIVE_MS = 15_000
+
+
+class JobCreated(BaseModel):
+    """The answer to POST /v1/chat."""
+
+    id: str
+    status: jobs.Status
+    created_at: str
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    """A job as GET /v1/chat/{id} shows it."""
+
+    id: str
+    status: jobs.Status
+    model: str | None = None
+    answer: str | None = None
+    error: JobError | None = None
+    usage: dict[str, int] | None = None
+    attempts: int = 0
+    simulated: bool = False
+    """True when llmsim, not a real model, wrote the answer."""
+    metadata: dict[str, str] | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str | None = None
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def public_job(record: dict[str, Any]) -> dict[str, Any]:
+    """The client's view of a job record."""
+    out = {k: record.get(k) for k in ("id", "status", "model", "answer", "error", "usage",
+                                      "metadata")}
+    out["attempts"] = record.get("attempts", 0)
+    out["simulated"] = bool(record.get("simulated", False))
+    for name in ("created_at", "started_at", "finished_at", "updated_at"):
+        out[name] = _iso(record.get(name))
+    return out
+
+
+async def load_owned(store: StoreDep, job_id: str, owner: str) -> dict[str, Any]:
+    """The record, or 404 when unknown, expired or another key's (no existence leak)."""
+    record = await store.get(job_id) if re.fullmatch(r"[0-9a-f]{1,64}", job_id) else None
+    if record is None or record.get("owner") != owner:
+        raise api_error(404, "not_found", f"no job {job_id!r}")
+    return record
+
+
+@router.post("", status_code=202, response_model=JobCreated, summary="Ask a question",
+             responses={409: {"description": "Idempotency-Key reused with another body"}})
+async def create_chat(
+    body: jobs.ChatRequest, request: Request, response: Response, owner: OwnerDep,
+    store: StoreDep, queue: QueueDep, settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
+) -> dict[str, Any]:
+    job_id = jobs.new_job_id()
+    if idempotency_key is not None:
+        earlier = await store.remember_idempotency(owner, idempotency_key,
+                                                   jobs.fingerprint(body), job_id)
+        if earlier is not None:
+            return await _replay(store, response, owner, idempotency_key, body, *earlier)
+    record = await store.create(job_id, owner, body, settings.llm_model, settings.uses_simulator)
+    await _enqueue(request, queue, store, job_id, owner, idempotency_key or "")
+    response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
+    return {"id": job_id, "status": record["status"], "created_at": _iso(record["created_at"])}
+
+
+async def _replay(store: StoreDep, response: Response, owner: str, key: str,
+                  body: jobs.ChatRequest, earlier_fp: str, earlier_id: str) -> dict[str, Any]:
+    if earlier_fp != jobs.fingerprint(body):
+        raise api_error(409, "idempotency_conflict",
+                        f"Idempotency-Key {key!r} was used with a different request body")
+    record = await load_owned(store, earlier_id, owner)
+    response.headers["Location"] = f"/v1/chat/{earlier_id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return {"id": earlier_id, "status": record["status"], "created_at": _iso(record["created_at"])}
+
+
+async def _enqueue(request: Request, queue: QueueDep, store: StoreDep, job_id: str, owner: str,
+                   idem_key: str) -> None:
+    state = request.app.state
+    try:
+        if not state.queue_ready:
+            async with state.queue_setup_lock:
+                if not state.queue_ready:
+                    await queue.setup()
+                    state.queue_ready = True
+        with telemetry.producer_span(queue.backend, queue.name, job_id) as carrier:
+            await queue.send(jobs.encode_message(job_id), carrier)
+    except errors.ChatqError as exc:
+        # Nothing will ever run this job: take the record back so no one waits on it.
+        try:
+            await store.forget(job_id, owner, idem_key)
+        except errors.ChatqError:
+            pass
+        raise api_error(503, "queue_unavailable",
+                        f"could not enqueue the job on the {queue.backend} queue: {exc}") from None
+    metrics.jobs_enqueued.labels(queue.backend).inc()
+
+
+@router.get("/{job_id}", response_model=Job, summary="The job, optionally long-polled")
+async def get_chat(
+    job_id: JobId, owner: OwnerDep, store: StoreDep, waiter: WaiterDep, settings: SettingsDep,
+    wait: Annotated[float, Query(ge=0, le=3600, description=(
+        "Seconds to wait for the job to finish (bounded by CHATQ_API_MAX_WAIT_SECONDS)."))] = 0,
+) -> dict[str, Any]:
+    record = await load_owned(store, job_id, owner)
+    wait = min(wait, settings.api.max_wait_seconds)
+    if wait > 0 and not jobs.Status(record["status"]).terminal:
+        record = await _wait_terminal(store, waiter, job_id, record, wait)
+    return public_job(record)
+
+
+async def _wait_terminal(store: StoreDep, waiter: WaiterDep, job_id: str,
+                         record: dict[str, Any], wait: float) -> dict[str, Any]:
+    deadline = time.monotonic() + wait
+    async with waiter.watch(job_id) as done:
+        while not jobs.Status(record["status"]).terminal:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(asyncio.shield(done), min(left, WAIT_RECHECK_SECONDS))
+            except TimeoutError:
+                pass
+            record = await store.get(job_id) or record
+    return record
+
+
+@router.get("/{job_id}/events", summary="Server-Sent Events: token deltas, then `done`",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_events(
+    job_id: JobId, owner: OwnerDep, store: StoreDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    await load_owned(store, job_id, owner)
+    if last_event_id is not None and not _EVENT_ID.match(last_event_id):
+        raise api_error(400, "bad_last_event_id", "Last-Event-ID must be an id this stream sent")
+    return StreamingResponse(_event_stream(store, job_id, last_event_id or "0-0"),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _event_stream(store: StoreDep, job_id: str, after: str) -> AsyncIterator[bytes]:
+    yield b"retry: 1000\n\n"
+    block = 0
+    while True:
+        items = await store.read_events(job_id, after, block_ms=block)
+        if not items:
+            record = await store.get(job_id)
+            if record is None or jobs.Status(record["status"]).terminal:
+                # Already past the end (or gone): close with the outcome.
+                final = public_job(record) if record else {"id": job_id, "status": "expired"}
+                yield f"event: done\ndata: {json.dumps(final)}\n\n".encode()
+                return
+            if block:
+                yield b": keep-alive\n\n"
+            block = SSE_KEEPALIVE_MS
+            continue
+        for event_id, fields in items:
+            after = event_id
+            kind = fields.get("type", "message")
+            yield f"id: {event_id}\nevent: {kind}\ndata: {fields.get('data', '{}')}\n\n".encode()
+            if kind == "done":
+                return
+
+
+@router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")
+async def cancel_chat(job_id: JobId, owner: OwnerDep, store: StoreDep) -> dict[str, Any]:
+    await load_owned(store, job_id, owner)
+    state = await store.cancel(job_id)
+    if state == "missing":
+        raise api_error(404, "not_found", f"no job {job_id!r}")
+    record = await load_owned(store, job_id, owner)
+    if state != jobs.Status.CANCELLED.value:
+        raise api_error(409, "not_cancellable", f"the job has already {state}")
+    return public_job(record)
+
+
+# The seed designs' names, kept working.
+aliases.add_api_route("/chat", create_chat, methods=["POST"], status_code=202,
+                      response_model=JobCreated, summary="Alias of POST /v1/chat", deprecated=True)
+aliases.add_api_route("/result/{job_id}", get_chat, methods=["GET"], response_model=Job,
+                      summary="Alias of GET /v1/chat/{id}", deprecated=True)

@@ -1,0 +1,279 @@
+"""The `chatq` command: api, worker, llmsim, up (all on one machine) and ask.
+
+The one place where settings are read and logging is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from chatq import client, telemetry
+from chatq import settings as settings_mod
+
+
+def _settings_help() -> str:
+    rows = settings_mod.env_table()
+    width = max(len(name) for name, _, _ in rows)
+    lines = ["settings (environment variables):"]
+    for name, default, doc in rows:
+        first = doc.splitlines()[0] if doc else ""
+        lines.append(f"  {name.ljust(width)}  {first} [{default or 'empty'}]")
+    return "\n".join(lines)
+
+
+def _load_settings() -> settings_mod.Settings:
+    try:
+        return settings_mod.Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"CHATQ_{'_'.join(str(x) for x in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
+        sys.exit(f"chatq: bad setting: {problems}")
+
+
+def cmd_api(settings: settings_mod.Settings) -> None:
+    import uvicorn
+
+    from chatq import api
+
+    telemetry.setup(settings, "chatq-api")
+    app = api.create_app(settings)
+    uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=int(settings.api.max_wait_seconds) + 5)
+
+
+def cmd_worker(settings: settings_mod.Settings) -> None:
+    import prometheus_client
+
+    from chatq import worker
+
+    telemetry.setup(settings, "chatq-worker")
+    port = settings.telemetry.metrics_port or 9100
+    prometheus_client.start_http_server(port, addr=settings.api.host)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(worker.serve(settings))
+
+
+def cmd_llmsim(settings: settings_mod.Settings) -> None:
+    import uvicorn
+
+    from chatq import llmsim
+
+    uvicorn.run(llmsim.create_app(settings.llmsim), host=settings.llmsim.host,
+                port=settings.llmsim.port, log_config=None, access_log=False)
+
+
+def _say(message: str) -> None:
+    print(f"\033[1m[chatq up]\033[0m {message}", file=sys.stderr, flush=True)
+
+
+def _port_busy(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; its output is above")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
+
+
+def cmd_up(settings: settings_mod.Settings) -> None:
+    """Redis, llmsim (when no model is configured), api and worker; Ctrl-C stops all."""
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
+    env = dict(os.environ)
+    me = [sys.executable, "-m", "chatq"]
+
+    def start(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=env)
+        children.append((name, proc))
+        return proc
+
+    def stop_all() -> None:
+        for name, proc in reversed(children):
+            if proc.poll() is None:
+                _say(f"stopping {name}...")
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(settings.worker.grace_seconds + 5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        redis_url = urlparse(settings.redis.url)
+        rhost, rport = redis_url.hostname or "localhost", redis_url.port or 6379
+        if _port_busy(rhost, rport):
+            _say(f"using the Redis already at {rhost}:{rport}")
+        else:
+            exe = shutil.which("redis-server")
+            if exe is None:
+                sys.exit("chatq up: redis-server is not installed: `apt-get install redis-server`"
+                         " (or run scripts/up, which does), or point CHATQ_REDIS_URL at a Redis")
+            data = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatq" / "redis"
+            data.mkdir(parents=True, exist_ok=True)
+            _say(f"starting redis-server on {rhost}:{rport} (data in {data})...")
+            start("redis-server", [exe, "--port", str(rport), "--bind", "127.0.0.1",
+                                   "--dir", str(data), "--appendonly", "yes",
+                                   "--loglevel", "warning"])
+            deadline = time.monotonic() + 15
+            while not _port_busy(rhost, rport):
+                if time.monotonic() > deadline or children[-1][1].poll() is not None:
+                    raise RuntimeError("redis-server did not start; its output is above")
+                time.sleep(0.05)
+        if settings.uses_simulator:
+            sim = f"http://{settings.llmsim.host}:{settings.llmsim.port}"
+            _say(f"no CHATQ_LLM_API_KEY or CHATQ_LLM_BASE_URL: starting llmsim at {sim}...")
+            _wait_http(f"{sim}/healthz", start("llmsim", [*me, "llmsim"]), "llmsim")
+        else:
+            _say(f"model: {settings.llm_model} at {settings.llm_base_url or 'OpenAI'}")
+        api_url = f"http://{settings.api.host}:{settings.api.port}"
+        if _port_busy(settings.api.host, settings.api.port):
+            raise RuntimeError(f"port {settings.api.port} is taken: stop what uses it or set "
+                               "CHATQ_API_PORT")
+        _say(f"starting the api at {api_url}...")
+        _wait_http(f"{api_url}/readyz", start("api", [*me, "api"]), "the api")
+        _say(f"starting a worker (concurrency {settings.worker.concurrency})...")
+        metrics_port = settings.telemetry.metrics_port or 9100
+        _wait_http(f"http://{settings.api.host}:{metrics_port}/healthz", start("worker", [*me, "worker"]),
+                   "the worker")
+        _say(f"chatq is up at {api_url} (docs at {api_url}/docs). Try:\n"
+             f"    curl -s -XPOST {api_url}/v1/chat -H 'content-type: application/json' "
+             "-d '{\"message\": \"Why is the sky blue?\"}'\n"
+             f"    chatq ask 'Why is the sky blue?'\n"
+             "Ctrl-C stops everything.")
+        while True:
+            for name, proc in children:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}; stopping the rest")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        _say("stopping...")
+        stop_all()
+        _say("stopped.")
+    except RuntimeError as exc:
+        _say(f"error: {exc}")
+        stop_all()
+        sys.exit(1)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    """Submit a question, show its status while it waits, print the answer as it streams."""
+    api_key = args.api_key or os.environ.get("CHATQ_API_KEY", "")
+    out, err = sys.stdout, sys.stderr
+    with client.Client(args.url, api_key) as chatq:
+        try:
+            job = chatq.submit(args.question, model=args.model, system=args.system,
+                               max_tokens=args.max_tokens)
+            err.write(f"job {job['id']} {job['status']}\n")
+            if args.no_stream:
+                final = chatq.wait(job["id"], timeout=args.timeout)
+                if final.get("answer"):
+                    out.write(final["answer"] + "\n")
+            else:
+                final = _stream(chatq, job["id"], out, err)
+        except client.ClientError as exc:
+            sys.exit(f"chatq ask: {exc.message}" + (f" ({exc.status} {exc.code})" if exc.status else ""))
+        except KeyboardInterrupt:
+            err.write(f"\nstopped waiting; the job goes on: chatq ask is done, GET /v1/chat/{job['id']}\n")
+            sys.exit(130)
+    if final["status"] != "succeeded":
+        error = final.get("error") or {}
+        sys.exit(f"chatq ask: job {final['status']}: {error.get('message', '')} ({error.get('code', '')})")
+    usage = final.get("usage") or {}
+    sim = " (simulated by llmsim)" if final.get("simulated") else ""
+    err.write(f"[{final.get('model')}{sim}, {usage.get('completion_tokens', '?')} tokens, "
+              f"{final.get('attempts')} attempt(s)]\n")
+
+
+def _stream(chatq: client.Client, job_id: str, out: TextIO, err: TextIO) -> dict[str, Any]:
+    last = None
+    shown = ""
+    status = "queued"
+    for _ in range(100):  # reconnects, resuming after the last event seen
+        try:
+            for event in chatq.events(job_id, last):
+                last = event.id or last
+                if event.type == "attempt":
+                    attempt = int(event.data.get("attempt", 1))
+                    if status == "queued":
+                        err.write("running...\n")
+                        status = "running"
+                    if attempt > 1 and shown:
+                        err.write(f"\n[attempt {attempt}: starting the answer again]\n")
+                        shown = ""
+                elif event.type == "delta":
+                    text = str(event.data.get("text", ""))
+                    shown += text
+                    out.write(text)
+                    out.flush()
+                elif event.type == "done":
+                    if shown:
+                        out.write("\n")
+                    return chatq.wait(job_id, timeout=5)
+        except client.ClientError as exc:
+            if exc.status:
+                raise
+            time.sleep(1)
+    return chatq.get(job_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatq", description="chatq: asynchronous LLM questions over a queue.",
+        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    sub.add_parser("api", help="run the HTTP API (uvicorn)", epilog=_settings_help(), formatter_class=fmt)
+    sub.add_parser("worker", help="run a worker", epilog=_settings_help(), formatter_class=fmt)
+    sub.add_parser("llmsim", help="run the OpenAI-compatible model simulator",
+                   epilog=_settings_help(), formatter_class=fmt)
+    sub.add_parser("up", help="run everything on this machine (redis, llmsim, api, worker)",
+                   epilog=_settings_help(), formatter_class=fmt)
+    ask = sub.add_parser("ask", help="ask a question and print the answer as it streams")
+    ask.add_argument("question")
+    ask.add_argument("--url", default=os.environ.get("CHATQ_URL", "http://127.0.0.1:8000"),
+                     help="the chatq API (env CHATQ_URL; default %(default)s)")
+    ask.add_argument("--api-key", default="", help="API key (env CHATQ_API_KEY)")
+    ask.add_argument("--model", default=None, help="model name (default: the server's)")
+    ask.add_argument("--system", default=None, help="a system prompt")
+    ask.add_argument("--max-tokens", type=int, default=None)
+    ask.add_argument("--no-stream", action="store_true", help="long-poll instead of streaming")
+    ask.add_argument("--timeout", type=float, default=600, help="seconds to wait (--no-stream)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "ask":
+        cmd_ask(args)
+        return
+    settings = _load_settings()
+    telemetry.configure_logging(settings.log)
+    {"api": cmd_api, "worker": cmd_worker, "llmsim": cmd_llmsim, "up": cmd_up}[args.command](settings)

@@ -1,0 +1,35 @@
+"""chatq's own exceptions; third-party errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class ChatqError(Exception):
+    """Base of every chatq error."""
+
+
+class TemporaryError(ChatqError):
+    """Worth trying again after `delay` seconds (a 429, a 5xx, a timeout, an outage)."""
+
+    def __init__(self, message: str, delay: float | None = None, code: str = "temporary") -> None:
+        super().__init__(message)
+        self.delay = delay
+        self.code = code
+
+
+class PermanentError(ChatqError):
+    """Trying again will not help: record the failure and dead-letter the message."""
+
+    def __init__(self, message: str, code: str = "permanent") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StoreUnavailable(ChatqError):
+    """Redis (or the queue) cannot be reached; the API answers 503."""
+
+
+class MalformedMessage(PermanentError):
+    """A queue message that is not a chatq job; it goes to dead-letter."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="malformed_message")

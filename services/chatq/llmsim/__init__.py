@@ -1,0 +1,157 @@
+"""llmsim: an OpenAI-compatible chat server that simulates a model.
+
+`/v1/chat/completions` (streaming and not) and `/v1/models`, with time to first token,
+inter-token latency and answer length from settings, and error injection: 429 with
+`retry-after`, 500, and hanging requests, by rate (settings) or per request by a directive
+in the last user message, e.g. `llmsim:fail=429 llmsim:times=3` (the first three calls of
+that conversation get 429) or `llmsim:ttft_ms=1000 llmsim:tokens=50`.
+Every answer says that it came from the simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from chatq import settings as settings_mod
+
+PREFIX = "[simulated answer from llmsim]"
+_DIRECTIVE = re.compile(r"llmsim:(\w+)=([\w.]+)")
+_WORDS = ("the quick model considers your question and answers it with care while "
+          "every token arrives after a short simulated pause so that streaming clients "
+          "see the answer grow word by word").split()
+
+
+def directives(messages: list[dict[str, Any]]) -> dict[str, str]:
+    """`llmsim:key=value` pairs of the last user message."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return dict(_DIRECTIVE.findall(str(m.get("content", ""))))
+    return {}
+
+
+def answer_tokens(messages: list[dict[str, Any]], count: int) -> list[str]:
+    """The simulated answer, as `count` tokens: deterministic for a conversation."""
+    seed = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
+    rng = random.Random(seed)
+    words = [PREFIX] + [rng.choice(_WORDS) for _ in range(max(0, count - 1))]
+    return [w if i == 0 else " " + w for i, w in enumerate(words[:count])]
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
+                        status_code=status, headers=headers)
+
+
+def create_app(cfg: settings_mod.LlmsimSettings) -> FastAPI:
+    """The llmsim ASGI app."""
+    app = FastAPI(title="llmsim", description="An OpenAI-compatible model simulator.")
+    # Calls seen per conversation, for `llmsim:times=N` (bounded memory).
+    calls: OrderedDict[str, int] = OrderedDict()
+    stats = {"requests": 0, "failed": 0}
+
+    def injected_failure(body: dict[str, Any], d: dict[str, str]) -> str | None:
+        fail = d.get("fail")
+        if fail:
+            key = hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
+            calls[key] = seen = calls.get(key, 0) + 1
+            calls.move_to_end(key)
+            while len(calls) > 100_000:
+                calls.popitem(last=False)
+            if "times" in d and seen > int(d["times"]):
+                return None
+            return fail
+        roll = random.random()
+        if roll < cfg.error_rate_429:
+            return "429"
+        if roll < cfg.error_rate_429 + cfg.error_rate_500:
+            return "500"
+        if roll < cfg.error_rate_429 + cfg.error_rate_500 + cfg.hang_rate:
+            return "hang"
+        return None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", **stats}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": settings_mod.SIMULATOR_MODEL, "object": "model", "created": 0, "owned_by": "llmsim"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        stats["requests"] += 1
+        try:
+            body = await request.json()
+            messages = body["messages"]
+            assert isinstance(messages, list) and messages
+        except (ValueError, KeyError, AssertionError):
+            return _error(400, "'messages' must be a non-empty list", "invalid_request_error")
+        d = directives(messages)
+        failure = injected_failure(body, d)
+        if failure is not None:
+            stats["failed"] += 1
+            if failure == "hang":
+                await asyncio.sleep(3600)
+            if failure == "429":
+                return _error(429, "rate limited by llmsim", "rate_limit_error",
+                              {"retry-after": str(cfg.retry_after_seconds)})
+            status = int(failure) if failure.isdigit() else 500
+            return _error(status, f"llmsim injected a {status}", "server_error" if status >= 500
+                          else "invalid_request_error")
+        ttft = float(d.get("ttft_ms", cfg.ttft_ms)) / 1000
+        itl = float(d.get("itl_ms", cfg.itl_ms)) / 1000
+        count = int(d.get("tokens", cfg.tokens))
+        if body.get("max_tokens"):
+            count = min(count, int(body["max_tokens"]))
+        tokens = answer_tokens(messages, max(1, count))
+        model = body.get("model") or settings_mod.SIMULATOR_MODEL
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                 "total_tokens": prompt_tokens + len(tokens)}
+        cid = f"chatcmpl-{uuid.uuid4().hex[:20]}"
+        created = int(time.time())
+        if not body.get("stream"):
+            await asyncio.sleep(ttft + itl * (len(tokens) - 1))
+            return JSONResponse({
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": "".join(tokens)}}],
+                "usage": usage})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def stream() -> AsyncIterator[bytes]:
+            def chunk(delta: dict[str, Any], finish: str | None = None,
+                      use: dict[str, int] | None = None) -> bytes:
+                data = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": model, "usage": use,
+                        "choices": [] if use else [{"index": 0, "delta": delta,
+                                                    "finish_reason": finish}]}
+                return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+            await asyncio.sleep(ttft)
+            for i, token in enumerate(tokens):
+                if i:
+                    await asyncio.sleep(itl)
+                delta = {"content": token} if i else {"role": "assistant", "content": token}
+                yield chunk(delta)
+            yield chunk({}, "stop")
+            if include_usage:
+                yield chunk({}, None, usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app

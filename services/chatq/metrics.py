@@ -1,0 +1,42 @@
+"""The Prometheus metrics of chatq's processes (prometheus-client, default registry).
+
+Labels never hold a job id or user text: only routes, statuses and reasons.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import Counter, Gauge, Histogram
+
+# The _created series double every counter for little use.
+prometheus_client.disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+# --- api ---
+http_requests = Counter("chatq_http_requests", "HTTP requests answered.",
+                        ["method", "route", "status"])
+http_latency = Histogram("chatq_http_request_duration_seconds", "HTTP request latency.",
+                         ["method", "route"], buckets=LATENCY_BUCKETS)
+jobs_enqueued = Counter("chatq_jobs_enqueued", "Jobs put on the queue.", ["queue"])
+
+# --- worker ---
+jobs_finished = Counter("chatq_jobs_finished", "Jobs that reached a terminal status.",
+                        ["status", "reason"])
+queue_wait = Histogram("chatq_queue_wait_seconds", "Time from enqueue to a worker's claim.",
+                       buckets=LATENCY_BUCKETS)
+job_overhead = Histogram("chatq_job_overhead_seconds",
+                         "Time from enqueue to answer written, minus the model's time.",
+                         buckets=LATENCY_BUCKETS)
+model_latency = Histogram("chatq_model_request_duration_seconds", "One model call, end to end.",
+                          ["model", "outcome"], buckets=MODEL_BUCKETS)
+model_ttft = Histogram("chatq_model_time_to_first_token_seconds", "Model time to first token.",
+                       ["model"], buckets=MODEL_BUCKETS)
+model_retries = Counter("chatq_model_retries", "Model calls retried.", ["reason"])
+tokens = Counter("chatq_tokens", "Tokens used by model calls.", ["model", "kind"])
+in_flight = Gauge("chatq_worker_in_flight", "Jobs this worker is running now.")
+concurrency = Gauge("chatq_worker_concurrency", "Jobs this worker may run at once.")
+dead_letters = Counter("chatq_dead_letters", "Messages moved to the dead-letter queue.",
+                       ["reason"])
+deliveries = Counter("chatq_deliveries", "Messages received from the queue.", ["queue"])

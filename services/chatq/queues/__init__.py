@@ -1,0 +1,81 @@
+"""The job queue behind one small interface, with two backends: `redis` and `sqs`.
+
+A backend receives `Delivery`s; the worker acks them when the job is done, extends their
+lease while the model runs, hands them back on shutdown, or dead-letters them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from chatq import settings as settings_mod
+
+
+@dataclass
+class Delivery:
+    """One received message."""
+
+    message_id: str
+    body: str
+    receive_count: int
+    """How many times the queue has handed this message out, this time included."""
+    handle: str = ""
+    """What the backend needs to ack or extend it (SQS receipt handle, stream entry id)."""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Depth:
+    """Messages waiting (visible) and being worked on (in flight)."""
+
+    visible: int
+    in_flight: int
+
+
+class Queue(Protocol):
+    """What the api and the worker need of a queue."""
+
+    name: str
+    backend: str
+
+    async def setup(self) -> None:
+        """Create or check the queue and its dead-letter queue."""
+
+    async def send(self, body: str, attributes: dict[str, str]) -> str:
+        """Enqueue one message with string attributes (trace context); returns its id."""
+
+    async def receive(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
+        """Up to max_messages, waiting at most wait_seconds for the first."""
+
+    async def ack(self, delivery: Delivery) -> None:
+        """The message is done with: remove it."""
+
+    async def extend(self, delivery: Delivery, seconds: int) -> None:
+        """Keep the lease for `seconds` more."""
+
+    async def release(self, delivery: Delivery) -> None:
+        """Hand the message back at once, for another worker."""
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move the message to the dead-letter queue."""
+
+    async def depth(self) -> Depth:
+        """How many messages wait and how many are in flight."""
+
+    async def dead_letters(self, limit: int = 100) -> list[str]:
+        """Bodies in the dead-letter queue (for tests and operators)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def open_queue(settings: settings_mod.Settings, consumer: str = "api") -> Queue:
+    """The configured backend, not yet set up; `consumer` names this process to it."""
+    if settings.queue.backend == "sqs":
+        from chatq.queues import sqs
+
+        return sqs.SqsQueue(settings.queue)
+    from chatq.queues import redis_streams
+
+    return redis_streams.RedisStreamsQueue(settings.queue, settings.redis.url, consumer)

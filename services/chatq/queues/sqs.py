@@ -1,0 +1,203 @@
+"""AWS SQS (or ElasticMQ) through aiobotocore.
+
+Long polling up to 20 s, batches of up to 10, deletes batched into DeleteMessageBatch,
+ChangeMessageVisibility as the lease heartbeat and the hand-back, and a dead-letter queue
+with a redrive policy, created or checked at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import aiobotocore.session
+import botocore.config
+import botocore.exceptions
+
+from chatq import errors
+from chatq import settings as settings_mod
+from chatq.queues import Delivery, Depth
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# How long acks wait for company before a DeleteMessageBatch goes out.
+ACK_LINGER_SECONDS = 0.01
+
+
+def _translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """botocore errors become ours: throttling and outages are temporary."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if status >= 500 or "Throttl" in code or code == "RequestThrottled":
+                raise errors.TemporaryError(f"SQS {code}: {exc}") from None
+            raise errors.PermanentError(f"SQS {code}: {exc}", code="sqs_" + code) from None
+        except (botocore.exceptions.BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+            raise errors.StoreUnavailable(f"SQS is unreachable: {exc}") from None
+
+    return wrapper
+
+
+class SqsQueue:
+    """An SQS queue and its `-dlq` dead-letter queue."""
+
+    backend = "sqs"
+
+    def __init__(self, cfg: settings_mod.QueueSettings) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.url = cfg.url
+        self.dlq_url = ""
+        self._session = aiobotocore.session.get_session()
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._acks: asyncio.Queue[tuple[Delivery, asyncio.Future[None]]] = asyncio.Queue()
+        self._acker: asyncio.Task[None] | None = None
+
+    async def _sqs(self) -> Any:
+        if self._client is None:
+            config = botocore.config.Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                # Long polls wait 20 s; reads must outlast them.
+                read_timeout=self.cfg.wait_seconds + 10, connect_timeout=5,
+                max_pool_connections=64)
+            self._client = await self._stack.enter_async_context(self._session.create_client(
+                "sqs", region_name=self.cfg.region, endpoint_url=self.cfg.endpoint or None,
+                config=config))
+        return self._client
+
+    @_translate
+    async def setup(self) -> None:
+        sqs = await self._sqs()
+        dlq_name = f"{self.name}-dlq"
+        if self.cfg.create:
+            self.dlq_url = (await sqs.create_queue(QueueName=dlq_name))["QueueUrl"]
+        else:
+            self.dlq_url = (await sqs.get_queue_url(QueueName=dlq_name))["QueueUrl"]
+        dlq_arn = (await sqs.get_queue_attributes(
+            QueueUrl=self.dlq_url, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
+        # The redrive policy is a safety net one receive beyond ours: the worker itself
+        # dead-letters on the last receive so it can mark the job failed first.
+        attributes = {
+            "VisibilityTimeout": str(self.cfg.visibility_seconds),
+            "ReceiveMessageWaitTimeSeconds": str(self.cfg.wait_seconds),
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn,
+                                         "maxReceiveCount": str(self.cfg.max_receives + 1)}),
+        }
+        if not self.url:
+            if self.cfg.create:
+                self.url = (await sqs.create_queue(QueueName=self.name,
+                                                   Attributes=attributes))["QueueUrl"]
+            else:
+                self.url = (await sqs.get_queue_url(QueueName=self.name))["QueueUrl"]
+        if self.cfg.create:
+            await sqs.set_queue_attributes(QueueUrl=self.url, Attributes=attributes)
+        if self._acker is None:
+            self._acker = asyncio.create_task(self._ack_loop(), name="sqs-acks")
+
+    @_translate
+    async def send(self, body: str, attributes: dict[str, str]) -> str:
+        sqs = await self._sqs()
+        reply = await sqs.send_message(QueueUrl=self.url, MessageBody=body, MessageAttributes={
+            k: {"DataType": "String", "StringValue": v} for k, v in attributes.items() if v})
+        return str(reply["MessageId"])
+
+    @_translate
+    async def receive(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
+        sqs = await self._sqs()
+        reply = await sqs.receive_message(
+            QueueUrl=self.url, MaxNumberOfMessages=min(10, max_messages),
+            WaitTimeSeconds=int(min(20, wait_seconds)),
+            MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            MessageAttributeNames=["All"])
+        out = []
+        for m in reply.get("Messages", []):
+            attrs = {k: v.get("StringValue", "") for k, v in m.get("MessageAttributes", {}).items()}
+            count = int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+            out.append(Delivery(m["MessageId"], m["Body"], count, m["ReceiptHandle"], attrs))
+        return out
+
+    async def ack(self, delivery: Delivery) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._acks.put((delivery, done))
+        await done
+
+    async def _ack_loop(self) -> None:
+        """Gather acks into DeleteMessageBatch calls of up to 10."""
+        while True:
+            batch = [await self._acks.get()]
+            await asyncio.sleep(ACK_LINGER_SECONDS)
+            while len(batch) < 10 and not self._acks.empty():
+                batch.append(self._acks.get_nowait())
+            try:
+                await self._delete_batch([d for d, _ in batch])
+            except Exception as exc:  # every waiter hears of it; the loop goes on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    @_translate
+    async def _delete_batch(self, deliveries: list[Delivery]) -> None:
+        sqs = await self._sqs()
+        reply = await sqs.delete_message_batch(QueueUrl=self.url, Entries=[
+            {"Id": str(i), "ReceiptHandle": d.handle} for i, d in enumerate(deliveries)])
+        for failure in reply.get("Failed", []):
+            log.warning("SQS could not delete a message: %s", failure.get("Message"))
+
+    @_translate
+    async def extend(self, delivery: Delivery, seconds: int) -> None:
+        sqs = await self._sqs()
+        await sqs.change_message_visibility(QueueUrl=self.url, ReceiptHandle=delivery.handle,
+                                            VisibilityTimeout=seconds)
+
+    async def release(self, delivery: Delivery) -> None:
+        await self.extend(delivery, 0)
+
+    @_translate
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        sqs = await self._sqs()
+        await sqs.send_message(QueueUrl=self.dlq_url, MessageBody=delivery.body,
+                               MessageAttributes={
+                                   "reason": {"DataType": "String", "StringValue": reason[:256]},
+                                   "message_id": {"DataType": "String",
+                                                  "StringValue": delivery.message_id}})
+        await sqs.delete_message(QueueUrl=self.url, ReceiptHandle=delivery.handle)
+
+    @_translate
+    async def depth(self) -> Depth:
+        sqs = await self._sqs()
+        attrs = (await sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]))["Attributes"]
+        return Depth(int(attrs.get("ApproximateNumberOfMessages", 0)),
+                     int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)))
+
+    @_translate
+    async def dead_letters(self, limit: int = 100) -> list[str]:
+        sqs = await self._sqs()
+        reply = await sqs.receive_message(QueueUrl=self.dlq_url, MaxNumberOfMessages=10,
+                                          VisibilityTimeout=0, WaitTimeSeconds=0)
+        return [m["Body"] for m in reply.get("Messages", [])][:limit]
+
+    async def close(self) -> None:
+        if self._acker is not None:
+            self._acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
+        await self._stack.aclose()

@@ -1,0 +1,386 @@
+"""Job records, token streams, idempotency keys and busy counts in Redis.
+
+Every Redis key chatq uses is named here:
+
+- `chatq:job:<id>`          hash: the job record (status, answer, error, usage, lease...)
+- `chatq:job:<id>:events`   stream: `attempt`, `delta` and `done` events, for SSE and resume
+- `chatq:idem:<owner>:<key>` string: "<fingerprint> <job id>" for Idempotency-Key
+- `chatq:busy:<worker id>`  string: in-flight jobs of one worker, read by the operator
+- channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls)
+
+The state changes that must be atomic (claim, renew, finish, cancel, hand back) are Lua
+scripts, so a job's answer is written once however often its message is delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from chatq import errors, jobs
+
+log = logging.getLogger(__name__)
+
+DONE_CHANNEL = "chatq:done"
+TERMINAL = tuple(s.value for s in jobs.Status if s.terminal)
+JSON_FIELDS = ("error", "usage", "metadata", "request")
+FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
+
+
+def job_key(job_id: str) -> str:
+    """The hash that holds a job's record."""
+    return f"chatq:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    """The stream that holds a job's token deltas and final event."""
+    return f"chatq:job:{job_id}:events"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    """Where an Idempotency-Key of one API key lives."""
+    return f"chatq:idem:{owner}:{key}"
+
+
+def busy_key(worker_id: str) -> str:
+    """A worker's in-flight count, for the operator's busy-aware scale-in."""
+    return f"chatq:busy:{worker_id}"
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translate_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn Redis connection trouble into StoreUnavailable, so callers see our error only."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError, OSError) as exc:
+            raise errors.StoreUnavailable(f"Redis is unreachable: {exc}") from None
+
+    return wrapper
+
+
+# Lua: take the job if it is not terminal and no live lease holds it.
+_CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return st end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local holder = redis.call('HGET', KEYS[1], '_lease')
+local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_until') or '0')
+if holder and holder ~= '' and holder ~= ARGV[1] and untl > now then return 'leased' end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', '_lease', ARGV[1],
+  '_lease_until', now + tonumber(ARGV[2]), 'updated_at', now / 1000)
+if not redis.call('HGET', KEYS[1], 'started_at') then
+  redis.call('HSET', KEYS[1], 'started_at', now / 1000)
+end
+redis.call('XADD', KEYS[2], '*', 'type', 'attempt', 'data', '{"attempt":' .. attempts .. '}')
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return 'ok'
+"""
+
+# Lua: extend our lease; tell the caller if the job was cancelled or the lease lost.
+_RENEW = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st ~= 'running' then return st end
+if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], '_lease_until', now + tonumber(ARGV[2]))
+return 'ok'
+"""
+
+# Lua: write the outcome once, only while holding the lease. ARGV: token, ttl, done-event
+# JSON, job id, then field/value pairs.
+_FINISH = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st ~= 'running' then return st end
+if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'finished_at', now, 'updated_at', now)
+redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return 'ok'
+"""
+
+# Lua: cancel a job that is not terminal; idempotent. Returns the status after the call.
+_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return 'missing' end
+if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return st end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now,
+  'error', '{"code":"cancelled","message":"cancelled by the client"}')
+redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', '{"status":"cancelled"}')
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return 'cancelled'
+"""
+
+# Lua: give a running job back (worker shutting down): queued again, lease dropped.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 'done' end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+return 'ok'
+"""
+
+
+def _decode_record(raw: dict[str, str]) -> dict[str, Any]:
+    record: dict[str, Any] = dict(raw)
+    for name in JSON_FIELDS:
+        if name in record:
+            record[name] = json.loads(record[name])
+    for name in FLOAT_FIELDS:
+        if name in record:
+            record[name] = float(record[name])
+    record["attempts"] = int(record.get("attempts", 0))
+    if "simulated" in record:
+        record["simulated"] = record["simulated"] == "1"
+    return record
+
+
+class Store:
+    """chatq's Redis: job records, events, idempotency and busy counts."""
+
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int) -> None:
+        self.redis = client
+        self.ttl = ttl_seconds
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: int, timeout: float = 5.0) -> Store:
+        """A Store with its own connection pool."""
+        client = aioredis.from_url(url, decode_responses=True, socket_timeout=None,
+                                   socket_connect_timeout=timeout, health_check_interval=30)
+        return cls(client, ttl_seconds)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.redis.aclose()
+
+    @translate_errors
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless Redis answers."""
+        await self.redis.ping()
+
+    # --- the API's side ---------------------------------------------------------------
+
+    @translate_errors
+    async def create(self, job_id: str, owner: str, request: jobs.ChatRequest, model: str,
+                     simulated: bool) -> dict[str, Any]:
+        """Write a new queued job record; returns it."""
+        now = time.time()
+        fields = {
+            "id": job_id,
+            "status": jobs.Status.QUEUED.value,
+            "owner": owner,
+            "model": request.model or model,
+            "created_at": now,
+            "updated_at": now,
+            "attempts": 0,
+            "request": request.model_dump_json(exclude_none=True),
+            "simulated": "1" if simulated and not request.model else "0",
+        }
+        if request.metadata:
+            fields["metadata"] = json.dumps(request.metadata)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key(job_id), mapping=fields)
+            pipe.expire(job_key(job_id), self.ttl)
+            await pipe.execute()
+        return _decode_record({k: str(v) for k, v in fields.items()})
+
+    @translate_errors
+    async def remember_idempotency(self, owner: str, key: str, fingerprint: str,
+                                   job_id: str) -> tuple[str, str] | None:
+        """Bind key to (fingerprint, job id) unless bound; returns the earlier binding."""
+        name = idempotency_key(owner, key)
+        if await self.redis.set(name, f"{fingerprint} {job_id}", nx=True, ex=self.ttl):
+            return None
+        value = await self.redis.get(name)
+        if value is None:  # expired between the two calls: bind again
+            return await self.remember_idempotency(owner, key, fingerprint, job_id)
+        earlier_fp, earlier_id = value.split(" ", 1)
+        return earlier_fp, earlier_id
+
+    @translate_errors
+    async def forget(self, job_id: str, owner: str = "", idem_key: str = "") -> None:
+        """Remove a record the queue never got (enqueue failed)."""
+        names = [job_key(job_id)]
+        if idem_key:
+            names.append(idempotency_key(owner, idem_key))
+        await self.redis.delete(*names)
+
+    @translate_errors
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job record, or None when unknown or expired."""
+        raw = await self.redis.hgetall(job_key(job_id))
+        return _decode_record(raw) if raw else None
+
+    @translate_errors
+    async def cancel(self, job_id: str) -> str:
+        """Cancel unless terminal; returns the status after the call ('missing' if none)."""
+        return str(await self._cancel(keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL],
+                                      args=[self.ttl, job_id]))
+
+    @translate_errors
+    async def read_events(self, job_id: str, after: str, block_ms: int,
+                          count: int = 500) -> list[tuple[str, dict[str, str]]]:
+        """Events after stream id `after`, waiting up to block_ms for the first."""
+        reply = await self.redis.xread({events_key(job_id): after}, count=count,
+                                       block=block_ms or None)
+        if not reply:
+            return []
+        return [(eid, data) for eid, data in reply[0][1]]
+
+    # --- the worker's side -------------------------------------------------------------
+
+    @translate_errors
+    async def claim(self, job_id: str, token: str, lease_seconds: float) -> str:
+        """'ok' when this worker now holds the job; else missing|leased|<terminal status>."""
+        return str(await self._claim(keys=[job_key(job_id), events_key(job_id)],
+                                     args=[token, int(lease_seconds * 1000), self.ttl]))
+
+    @translate_errors
+    async def renew(self, job_id: str, token: str, lease_seconds: float) -> str:
+        """'ok' when the lease was extended; 'cancelled', 'lost'... otherwise."""
+        return str(await self._renew(keys=[job_key(job_id)],
+                                     args=[token, int(lease_seconds * 1000)]))
+
+    @translate_errors
+    async def release(self, job_id: str, token: str) -> str:
+        """Hand a running job back to the queue state (worker shutting down)."""
+        return str(await self._release(keys=[job_key(job_id)], args=[token]))
+
+    @translate_errors
+    async def start_attempt(self, job_id: str) -> int:
+        """A retry of the model call begins: count it and tell stream readers."""
+        attempt = await self.redis.hincrby(job_key(job_id), "attempts", 1)
+        await self.redis.xadd(events_key(job_id), {"type": "attempt",
+                                                   "data": json.dumps({"attempt": attempt})})
+        return int(attempt)
+
+    @translate_errors
+    async def append_delta(self, job_id: str, text: str, attempt: int) -> None:
+        """Add a token delta to the job's event stream."""
+        data = json.dumps({"text": text, "attempt": attempt})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(events_key(job_id), {"type": "delta", "data": data})
+            pipe.expire(events_key(job_id), self.ttl)
+            await pipe.execute()
+
+    @translate_errors
+    async def finish(self, job_id: str, token: str, status: jobs.Status, *, answer: str = "",
+                     error: dict[str, str] | None = None, usage: dict[str, int] | None = None,
+                     model: str = "") -> str:
+        """Write the outcome once; 'ok', or why not (lost lease, already terminal...)."""
+        fields: dict[str, str] = {"status": status.value}
+        if answer:
+            fields["answer"] = answer
+        if error:
+            fields["error"] = json.dumps(error)
+        if usage:
+            fields["usage"] = json.dumps(usage)
+        if model:
+            fields["model"] = model
+        done = {"status": status.value, "answer": answer or None, "error": error, "usage": usage}
+        flat = [x for pair in fields.items() for x in pair]
+        return str(await self._finish(
+            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL],
+            args=[token, self.ttl, json.dumps(done), job_id, *flat]))
+
+    @translate_errors
+    async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int) -> None:
+        """Tell the operator how many jobs this worker holds."""
+        await self.redis.set(busy_key(worker_id), in_flight, ex=max(1, ttl_seconds))
+
+    @translate_errors
+    async def clear_busy(self, worker_id: str) -> None:
+        """Remove a stopping worker's busy count."""
+        await self.redis.delete(busy_key(worker_id))
+
+
+class DoneWaiter:
+    """One Redis subscription per API process that wakes the long-polls of finished jobs."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.redis = client
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Subscribe in the background (reconnecting as needed)."""
+        self._task = asyncio.create_task(self._listen(), name="done-waiter")
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(DONE_CHANNEL)
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    self._wake(str(message["data"]))
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                self._subscribed.clear()
+                # Redis went away: long-polls re-read the record when they time out.
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _wake(self, job_id: str) -> None:
+        for fut in self._waiters.pop(job_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Future[None]]:
+        """A future that resolves when job_id is published as done; register before reading."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, set()).add(fut)
+        try:
+            yield fut
+        finally:
+            waiting = self._waiters.get(job_id)
+            if waiting is not None:
+                waiting.discard(fut)
+                if not waiting:
+                    del self._waiters[job_id]

@@ -1,0 +1,345 @@
+"""The worker: receive messages, claim their jobs, call the model, write the answer, ack.
+
+Reads top-down: `Worker.run()` → `startup()` → `main_loop()` (receive while there is room
+under the concurrency cap, start a task per message) → `run_job()` → `shutdown()` (stop
+receiving, let in-flight jobs finish within the grace period, hand the rest back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+
+from chatq import errors, jobs, llm, metrics, results, telemetry
+from chatq import settings as settings_mod
+from chatq.queues import Delivery, Queue
+
+log = logging.getLogger(__name__)
+
+# Deltas are written at most this often per job, so a fast model is not one Redis call
+# per token.
+DELTA_FLUSH_SECONDS = 0.05
+
+
+def default_worker_id() -> str:
+    """hostname-pid: unique per process, and the pod name's prefix in Kubernetes."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class JobSink:
+    """Writes a job's token deltas to its event stream, coalesced."""
+
+    def __init__(self, store: results.Store, job_id: str, attempt: int) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.attempt = attempt
+        self._pending: list[str] = []
+        self._last_flush = time.monotonic()
+
+    async def delta(self, text: str) -> None:
+        self._pending.append(text)
+        if time.monotonic() - self._last_flush >= DELTA_FLUSH_SECONDS:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what is pending."""
+        self._last_flush = time.monotonic()
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            await self.store.append_delta(self.job_id, text, self.attempt)
+
+    async def restart(self, attempt: int) -> None:
+        self._pending = []
+        self.attempt = await self.store.start_attempt(self.job_id)
+
+
+class Worker:
+    """One worker process: up to `concurrency` jobs at once."""
+
+    def __init__(self, settings: settings_mod.Settings, queue: Queue, store: results.Store,
+                 model: llm.Llm) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.store = store
+        self.llm = model
+        self.id = settings.worker.id or default_worker_id()
+        self.lease = settings.queue.visibility_seconds
+        self.heartbeat_every = settings.worker.heartbeat_seconds or self.lease / 3
+        self.concurrency = settings.worker.concurrency
+        self.tasks: dict[asyncio.Task[None], Delivery] = {}
+        self.stopping = asyncio.Event()
+        self._reporter: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        """Ask the worker to drain and exit (SIGTERM)."""
+        if not self.stopping.is_set():
+            log.info("stopping: no new messages; %d job(s) in flight get %.0fs to finish",
+                     len(self.tasks), self.settings.worker.grace_seconds)
+            self.stopping.set()
+
+    async def run(self) -> None:
+        """The whole life of the worker."""
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        """Wait for the queue, then start reporting busy counts."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                await self.queue.setup()
+                break
+            except (errors.StoreUnavailable, errors.TemporaryError) as exc:
+                log.warning("waiting for the %s queue %r: %s (retrying in %.0fs)",
+                            self.queue.backend, self.queue.name, exc, delay)
+                await self._sleep_unless_stopping(delay)
+                delay = min(10.0, delay * 2)
+        metrics.concurrency.set(self.concurrency)
+        self._reporter = asyncio.create_task(self._report_busy(), name="busy-report")
+        log.info("worker %s ready: %s queue %r, concurrency %d, model %s%s", self.id,
+                 self.queue.backend, self.queue.name, self.concurrency, self.llm.default_model,
+                 " (llmsim)" if self.llm.simulated else "")
+
+    async def main_loop(self) -> None:
+        """Receive while there is room; one task per message."""
+        stop = asyncio.create_task(self.stopping.wait())
+        delay = 0.5
+        try:
+            while not self.stopping.is_set():
+                room = self.concurrency - len(self.tasks)
+                if room <= 0:
+                    await asyncio.wait({stop, *self.tasks}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                receive = asyncio.create_task(self.queue.receive(
+                    min(self.settings.worker.batch_size, room), self.settings.queue.wait_seconds))
+                await asyncio.wait({stop, receive}, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    # Stopping mid long-poll: what it would have got stays on the queue.
+                    receive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, errors.ChatqError):
+                        await receive
+                    break
+                try:
+                    deliveries = receive.result()
+                    delay = 0.5
+                except errors.ChatqError as exc:
+                    log.warning("cannot receive from the %s queue: %s (retrying in %.0fs)",
+                                self.queue.backend, exc, delay)
+                    await self._sleep_unless_stopping(delay)
+                    delay = min(10.0, delay * 2)
+                    continue
+                for delivery in deliveries:
+                    metrics.deliveries.labels(self.queue.backend).inc()
+                    task = asyncio.create_task(self.run_job(delivery))
+                    self.tasks[task] = delivery
+                    task.add_done_callback(self._job_done)
+                metrics.in_flight.set(len(self.tasks))
+        finally:
+            stop.cancel()
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.pop(task, None)
+        metrics.in_flight.set(len(self.tasks))
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task failed", exc_info=task.exception())
+
+    async def shutdown(self) -> None:
+        """Let in-flight jobs finish within the grace period; hand the rest back; close."""
+        if self.tasks:
+            grace = self.settings.worker.grace_seconds
+            log.info("waiting up to %.0fs for %d job(s) in flight", grace, len(self.tasks))
+            _, late = await asyncio.wait(set(self.tasks), timeout=grace)
+            if late:
+                log.warning("handing %d unfinished job(s) back to the queue", len(late))
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporter
+        with contextlib.suppress(errors.ChatqError):
+            await self.store.clear_busy(self.id)
+        log.info("worker %s stopped", self.id)
+
+    async def run_job(self, delivery: Delivery) -> None:
+        """Take one message from claim to ack; never raises for a job's own failure."""
+        try:
+            message = jobs.decode_message(delivery.body)
+        except errors.MalformedMessage as exc:
+            log.warning("dead-lettering malformed message %s: %s", delivery.message_id, exc)
+            await self._dead_letter(delivery, "malformed_message")
+            return
+        with telemetry.consumer_span(self.queue.backend, self.queue.name, message.job_id,
+                                     delivery.attributes):
+            try:
+                await self._run_claimed(delivery, message)
+            except errors.StoreUnavailable as exc:
+                # The message stays unacked: it comes back once Redis does.
+                log.warning("job %s left for later: %s", message.job_id, exc)
+
+    async def _run_claimed(self, delivery: Delivery, message: jobs.QueueMessage) -> None:
+        job_id = message.job_id
+        token = f"{self.id}:{uuid.uuid4().hex[:12]}"
+        state = await self.store.claim(job_id, token, self.lease)
+        if state != "ok":
+            self._skip(job_id, state)
+            if state != "leased":  # terminal or gone: nothing left to do for this message
+                await self.queue.ack(delivery)
+            return
+        claimed_at = time.time()
+        metrics.queue_wait.observe(max(0.0, claimed_at - message.enqueued_at))
+        record = await self.store.get(job_id)
+        if record is None:
+            await self.queue.ack(delivery)
+            return
+        if delivery.receive_count > self.settings.queue.max_receives:
+            await self._fail(delivery, job_id, token, errors.PermanentError(
+                f"delivered {delivery.receive_count} times without finishing",
+                code="too_many_deliveries"))
+            return
+        try:
+            request = jobs.ChatRequest.model_validate(record.get("request") or {})
+        except ValueError:
+            await self._fail(delivery, job_id, token, errors.PermanentError(
+                "the job's request is unreadable", code="bad_request_record"))
+            return
+        await self._call_model(delivery, message, job_id, token, request, record["attempts"])
+
+    async def _call_model(self, delivery: Delivery, message: jobs.QueueMessage, job_id: str,
+                          token: str, request: jobs.ChatRequest, attempt: int) -> None:
+        sink = JobSink(self.store, job_id, attempt)
+        work = asyncio.create_task(llm.process_query(self.llm, request, sink))
+        verdict: list[str] = []
+        beat = asyncio.create_task(self._heartbeat(delivery, job_id, token, work, verdict))
+        try:
+            answer = await work
+            await sink.flush()
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                await self._hand_back(delivery, job_id, token)
+                raise
+            # The heartbeat stopped the model: cancelled by the client, or lease lost.
+            self._skip(job_id, verdict[0] if verdict else "cancelled")
+            if verdict and verdict[0] != "lost":
+                await self.queue.ack(delivery)
+            return
+        except errors.ChatqError as exc:
+            await self._fail(delivery, job_id, token, exc)
+            return
+        finally:
+            beat.cancel()
+        state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
+                                        usage=answer.usage, model=answer.model)
+        if state == "ok":
+            metrics.jobs_finished.labels("succeeded", "ok").inc()
+            metrics.job_overhead.observe(
+                max(0.0, time.time() - message.enqueued_at - answer.model_seconds))
+        else:
+            self._skip(job_id, state)
+        if state != "lost":
+            await self.queue.ack(delivery)
+
+    async def _heartbeat(self, delivery: Delivery, job_id: str, token: str,
+                         work: asyncio.Task[llm.Answer], verdict: list[str]) -> None:
+        """Renew the message's and the record's lease; stop the model if the job is off."""
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            try:
+                state = await self.store.renew(job_id, token, self.lease)
+                if state == "ok":
+                    await self.queue.extend(delivery, self.lease)
+                    continue
+            except errors.ChatqError as exc:
+                log.warning("cannot renew the lease of job %s: %s", job_id, exc)
+                continue
+            verdict.append(state)
+            work.cancel()
+            return
+
+    async def _fail(self, delivery: Delivery, job_id: str, token: str,
+                    exc: errors.ChatqError) -> None:
+        """Record the failure and dead-letter the message."""
+        code = getattr(exc, "code", "error")
+        state = await self.store.finish(job_id, token, jobs.Status.FAILED,
+                                        error={"code": code, "message": str(exc)})
+        log.warning("job %s failed: %s (%s)", job_id, exc, code)
+        if state == "ok":
+            metrics.jobs_finished.labels("failed", code).inc()
+        if state != "lost":
+            await self._dead_letter(delivery, code)
+
+    async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
+        try:
+            await self.queue.dead_letter(delivery, reason)
+            metrics.dead_letters.labels(reason).inc()
+        except errors.ChatqError as exc:
+            log.error("cannot dead-letter message %s: %s", delivery.message_id, exc)
+
+    async def _hand_back(self, delivery: Delivery, job_id: str, token: str) -> None:
+        """Shutting down with the job unfinished: queued again, message visible again."""
+        with contextlib.suppress(errors.ChatqError):
+            await self.store.release(job_id, token)
+        with contextlib.suppress(errors.ChatqError):
+            await self.queue.release(delivery)
+        log.info("job %s handed back", job_id)
+
+    def _skip(self, job_id: str, state: str) -> None:
+        reasons = {"missing": "its record is gone (expired or never written)",
+                   "leased": "another worker holds it", "lost": "this worker lost its lease"}
+        log.info("job %s skipped: %s", job_id, reasons.get(state, f"it is already {state}"))
+        if state == "cancelled":
+            metrics.jobs_finished.labels("cancelled", "client").inc()
+
+    async def _report_busy(self) -> None:
+        every = self.settings.worker.busy_report_seconds
+        while True:
+            with contextlib.suppress(errors.ChatqError):
+                await self.store.report_busy(self.id, len(self.tasks), int(every * 3) + 1)
+            await asyncio.sleep(every)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+async def serve(settings: settings_mod.Settings) -> None:
+    """Build the worker from settings and run it until stopped by a signal."""
+    import signal
+
+    from chatq import queues
+
+    worker_id = settings.worker.id or default_worker_id()
+    store = results.Store.from_url(settings.redis.url, settings.redis.results_ttl_seconds,
+                                   settings.redis.timeout_seconds)
+    queue = queues.open_queue(settings, consumer=worker_id)
+    model = llm.Llm(settings)
+    worker = Worker(settings, queue, store, model)
+    worker.id = worker_id
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await worker.run()
+    finally:
+        await queue.close()
+        await model.close()
+        await store.close()
