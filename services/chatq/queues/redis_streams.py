@@ -63,7 +63,9 @@ class RedisStreamsQueue:
     async def receive(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
         got = await self._reclaim(max_messages)
         if len(got) < max_messages:
-            block = int(min(wait_seconds, MAX_BLOCK_SECONDS) * 1000) if not got else None
+            # BLOCK 0 would wait forever: no wait means no BLOCK at all.
+            block = int(min(wait_seconds, MAX_BLOCK_SECONDS) * 1000) if not got else 0
+            block = block or None
             try:
                 reply = await self.redis.xreadgroup(self.group, self.consumer, {self.name: ">"},
                                                     count=max_messages - len(got), block=block)

@@ -1,0 +1,69 @@
+"""Small pure pieces: API key hashing, retry-after parsing, llmsim directives, SSE parsing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+import openai
+import pytest
+
+from chatq import client, errors, llm, llmsim
+from chatq.api import deps
+
+
+def test_keys_are_kept_hashed() -> None:
+    digest = hashlib.sha256(b"k2").hexdigest()
+    keys = deps.parse_keys(f" k1 , sha256:{digest.upper()},,")
+    assert keys == {hashlib.sha256(b"k1").hexdigest(), digest}
+    assert "k1" not in keys
+    assert deps.parse_keys("") == frozenset()
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"retry-after": "2"}, 2.0), ({"retry-after-ms": "250"}, 0.25),
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None), ({}, None)])
+def test_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    assert llm.retry_after_seconds(httpx.Headers(headers)) == expected
+
+
+def _status_error(status: int, headers: dict[str, str] | None = None) -> openai.APIStatusError:
+    req = httpx.Request("POST", "http://x/v1/chat/completions")
+    resp = httpx.Response(status, headers=headers or {}, request=req,
+                          json={"error": {"message": "nope"}})
+    return openai.APIStatusError("nope", response=resp, body={"error": {"message": "nope"}})
+
+
+@pytest.mark.parametrize(("status", "temporary"), [
+    (429, True), (500, True), (503, True), (408, True), (400, False), (401, False), (404, False)])
+def test_translate_status_errors(status: int, temporary: bool) -> None:
+    err = llm.translate(_status_error(status, {"retry-after": "3"}))
+    assert isinstance(err, errors.TemporaryError) == temporary
+    assert isinstance(err, errors.PermanentError) == (not temporary)
+    if status == 429:
+        assert isinstance(err, errors.TemporaryError) and err.delay == 3.0
+    assert "nope" in str(err)
+
+
+def test_translate_timeouts_and_connection_errors() -> None:
+    req = httpx.Request("POST", "http://x")
+    assert isinstance(llm.translate(openai.APITimeoutError(req)), errors.TemporaryError)
+    assert isinstance(llm.translate(openai.APIConnectionError(request=req)), errors.TemporaryError)
+
+
+def test_llmsim_directives_and_answers() -> None:
+    msgs = [{"role": "user", "content": "hi llmsim:fail=429 llmsim:times=2"},
+            {"role": "assistant", "content": "llmsim:fail=500"}]
+    assert llmsim.directives(msgs) == {"fail": "429", "times": "2"}
+    tokens = llmsim.answer_tokens(msgs, 5)
+    assert len(tokens) == 5 and tokens[0] == llmsim.PREFIX
+    assert tokens == llmsim.answer_tokens(msgs, 5)
+
+
+def test_sse_parsing() -> None:
+    lines = ["retry: 1000", "", "id: 1-0", "event: delta", 'data: {"text": "a"}', "",
+             ": keep-alive", "", "id: 2-0", "event: done", 'data: {"status": "succeeded"}', "",
+             "id: 3-0", "event: delta", 'data: {"text": "never"}', ""]
+    events = list(client._parse_sse(iter(lines)))
+    assert [(e.id, e.type, e.data) for e in events] == [
+        ("1-0", "delta", {"text": "a"}), ("2-0", "done", {"status": "succeeded"})]
