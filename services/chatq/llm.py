@@ -10,10 +10,10 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
 import openai
 
 from chatq import errors, jobs, metrics
@@ -43,7 +43,7 @@ class Sink(Protocol):
         """An attempt failed; what was sent so far is void."""
 
 
-def retry_after_seconds(headers: httpx.Headers | None) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """The server's `retry-after` (seconds or retry-after-ms), if it gave one."""
     if headers is None:
         return None
@@ -94,9 +94,7 @@ class Llm:
         self.client = openai.AsyncOpenAI(
             base_url=settings.llm_base_url, api_key=settings.llm.api_key or "none",
             max_retries=0,  # retries are ours: they honour retry-after and count attempts
-            timeout=httpx.Timeout(settings.llm.timeout_seconds, connect=5.0),
-            http_client=httpx.AsyncClient(limits=httpx.Limits(
-                max_connections=2000, max_keepalive_connections=500)),
+            timeout=settings.llm.timeout_seconds,
         )
 
     async def close(self) -> None:
@@ -117,7 +115,7 @@ class Llm:
         try:
             async with asyncio.timeout(self.cfg.timeout_seconds):
                 stream = await self.client.chat.completions.create(
-                    model=model, messages=request.chat_messages(),  # type: ignore[arg-type]
+                    model=model, messages=request.chat_messages(),  # type: ignore[misc]
                     stream=True, stream_options={"include_usage": True}, **kwargs)
                 async for chunk in stream:
                     if chunk.usage is not None:
@@ -135,7 +133,7 @@ class Llm:
                             parts.append(text)
                             await sink.delta(text)
             outcome = "ok"
-        except (openai.OpenAIError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, openai.OpenAIError) as exc:
             raise translate(exc) from None
         finally:
             metrics.model_latency.labels(model, outcome).observe(time.monotonic() - started)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 import aiobotocore.session
 import pytest
-
 from chatq import queues
-from chatq.queues import sqs
 from chatq import settings as settings_mod
+from chatq.queues import sqs
+
 from tests import servers
 from tests.conftest import BACKENDS
 

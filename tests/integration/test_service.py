@@ -13,10 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
-
 from chatq import client as chatq_client
 from chatq import llmsim, queues
 from chatq import settings as settings_mod
+
 from tests import servers
 from tests.conftest import BACKENDS, Stack, StackFactory
 

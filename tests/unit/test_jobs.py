@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from chatq import errors, jobs
+from pydantic import ValidationError
 
 
 @pytest.mark.parametrize("body", [

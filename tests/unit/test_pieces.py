@@ -7,7 +7,6 @@ import hashlib
 import httpx
 import openai
 import pytest
-
 from chatq import client, errors, llm, llmsim
 from chatq.api import deps
 

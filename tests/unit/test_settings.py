@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
-
 from chatq import settings as settings_mod
+from pydantic import ValidationError
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,3 +54,11 @@ def test_env_table_covers_every_field_with_a_description() -> None:
     assert all(doc for _, _, doc in rows), [n for n, _, d in rows if not d]
     total = sum(len(type(g).model_fields) for g in settings_mod.Settings().__dict__.values())
     assert len(rows) == total
+
+
+def test_readme_lists_every_setting() -> None:
+    from tests.servers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, _, _ in settings_mod.env_table() if f"`{name}`" not in readme]
+    assert not missing, f"add these to the README's settings table: {missing}"

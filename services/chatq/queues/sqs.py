@@ -45,7 +45,7 @@ def _translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             if status >= 500 or "Throttl" in code or code == "RequestThrottled":
                 raise errors.TemporaryError(f"SQS {code}: {exc}") from None
             raise errors.PermanentError(f"SQS {code}: {exc}", code="sqs_" + code) from None
-        except (botocore.exceptions.BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
             raise errors.StoreUnavailable(f"SQS is unreachable: {exc}") from None
 
     return wrapper

@@ -1,0 +1,79 @@
+"""The `chatq` command as a user runs it: ask (streaming and long-poll) and up."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from chatq import llmsim
+
+from tests import servers
+from tests.conftest import StackFactory
+
+
+def chatq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatq", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_ask_streams_the_answer(stack_factory: StackFactory) -> None:
+    stack = stack_factory("redis", CHATQ_API_KEYS="secret")
+    env = servers.chatq_env(CHATQ_URL=stack.url, CHATQ_API_KEY="secret")
+    out = chatq("ask", "What is a queue? llmsim:tokens=8", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(llmsim.PREFIX) and len(out.stdout.split()) >= 8
+    assert "queued" in out.stderr and "running" in out.stderr
+    assert "simulated by llmsim" in out.stderr and "8 tokens" in out.stderr
+    polled = chatq("ask", "--no-stream", "again llmsim:tokens=5", env=env)
+    assert polled.returncode == 0 and polled.stdout.startswith(llmsim.PREFIX)
+
+
+def test_ask_reports_failures_clearly(stack_factory: StackFactory) -> None:
+    stack = stack_factory("redis", CHATQ_API_KEYS="secret", CHATQ_LLM_MAX_ATTEMPTS="1")
+    env = servers.chatq_env(CHATQ_URL=stack.url, CHATQ_API_KEY="secret")
+    failed = chatq("ask", "llmsim:fail=400", env=env)
+    assert failed.returncode == 1 and "job failed" in failed.stderr and "model_error_400" in failed.stderr
+    wrong = chatq("ask", "hi", "--api-key", "nope", env={**env, "CHATQ_API_KEY": ""})
+    assert wrong.returncode == 1 and "401 unauthorized" in wrong.stderr
+    port = servers.free_port()
+    nobody = chatq("ask", "hi", "--url", f"http://127.0.0.1:{port}", env=env)
+    assert nobody.returncode == 1 and "cannot reach chatq" in nobody.stderr
+
+
+def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {name: str(servers.free_port()) for name in ("api", "sim", "metrics", "redis")}
+    env = servers.chatq_env(
+        CHATQ_API_PORT=ports["api"], CHATQ_LLMSIM_PORT=ports["sim"],
+        CHATQ_TELEMETRY_METRICS_PORT=ports["metrics"],
+        CHATQ_REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0",
+        CHATQ_LLMSIM_TTFT_MS="20", CHATQ_LLMSIM_ITL_MS="2", XDG_CACHE_HOME=str(tmp_path))
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "chatq", "up"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['api']}"
+    try:
+        servers.wait_for(lambda: "chatq is up" in log.read_text(), "chatq up", 60, proc, log)
+        text = log.read_text()
+        for step in ("starting redis-server", "starting llmsim", "starting the api",
+                     "starting a worker", "curl"):
+            assert step in text, text
+        ask = chatq("ask", "hello", "--url", url, env=servers.chatq_env())
+        assert ask.returncode == 0 and ask.stdout.startswith(llmsim.PREFIX), ask.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    text = log.read_text()
+    assert code == 0, text
+    assert "stopped." in text
+    time.sleep(0.2)
+    for port in ports.values():
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=0.5)
+            raise AssertionError(f"something still listens on {port}")
+        except httpx.TransportError:
+            pass
