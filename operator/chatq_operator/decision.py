@@ -100,6 +100,7 @@ class Reason(enum.StrEnum):
     SCALE_TO_ZERO = "ScaleToZero"
     CLAMPED_TO_MIN = "ClampedToMin"
     CLAMPED_TO_MAX = "ClampedToMax"
+    BUSY_UNKNOWN = "BusyCountsUnknown"
     SOURCE_ERROR_HOLD = "SourceErrorHold"
     FALLBACK = "Fallback"
 
@@ -149,15 +150,17 @@ class _Poll:
         return self.done(wanted, reason, why)
 
 
-def decide(metrics: Metrics | None, spec: Spec, history: History, busy: Mapping[str, int]) -> Decision:
+def decide(metrics: Metrics | None, spec: Spec, history: History,
+           busy: Mapping[str, int] | None) -> Decision:
     """The replicas for this poll; `metrics` is None when the queue could not be read.
 
     `busy` maps the target's live pods to their in-flight jobs (pods with no report are
-    absent or 0).
+    absent or 0); None when the busy counts could not be read, which holds any scale-down
+    while messages are in flight (the pods to keep would be unknown).
     """
     if metrics is None:
         return _on_source_error(spec, history)
-    poll = _observe(metrics, spec, history, busy)
+    poll = _observe(metrics, spec, history, busy or {})
     current = history.current_replicas
     low, high = spec.min_replicas, max(spec.min_replicas, spec.max_replicas)
     if current > high:
@@ -166,7 +169,12 @@ def decide(metrics: Metrics | None, spec: Spec, history: History, busy: Mapping[
         return _from_zero(poll, low, high)
     if current < low:
         return poll.done(low, Reason.CLAMPED_TO_MIN, f"{current} replicas is below minReplicas {low}")
-    return _running(poll, current, low, high)
+    got = _running(poll, current, low, high)
+    if busy is None and metrics.in_flight > 0 and got.replicas < current:
+        return poll.done(current, Reason.BUSY_UNKNOWN,
+                         f"holding {current} replicas: {metrics.in_flight} messages in flight and "
+                         "the busy counts could not be read")
+    return got
 
 
 def _observe(metrics: Metrics, spec: Spec, history: History, busy: Mapping[str, int]) -> _Poll:

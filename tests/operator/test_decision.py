@@ -100,6 +100,12 @@ CASES = [
     ("zero-below-min", Metrics(0, 0), spec(min_replicas=2), history(0), {}, 2, Reason.CLAMPED_TO_MIN),
     ("max-below-min", Metrics(1000, 0), spec(min_replicas=4, max_replicas=2), history(4), {}, 4,
      Reason.STEADY),
+    # Busy counts unknown: no scale-down while jobs run, since the pods to keep are unknown.
+    ("busy-unknown-holds-down", Metrics(0, 5), spec(scale_down_stabilization_seconds=0), history(4), None,
+     4, Reason.BUSY_UNKNOWN),
+    ("busy-unknown-scales-up", Metrics(500, 5), spec(), history(4), None, 10, Reason.SCALE_UP),
+    ("busy-unknown-nothing-running", Metrics(0, 0), spec(scale_down_stabilization_seconds=0), history(4),
+     None, 1, Reason.SCALE_DOWN),
     # Source errors: hold, then fallbackReplicas.
     ("first-error-holds", None, spec(fallback_replicas=6), history(2), {}, 2, Reason.SOURCE_ERROR_HOLD),
     ("second-error-holds", None, spec(fallback_replicas=6), history(2, errors=1), {}, 2,
@@ -116,7 +122,7 @@ CASES = [
 
 @pytest.mark.parametrize(("metrics", "the_spec", "the_history", "busy", "replicas", "reason"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_decide(metrics: Metrics | None, the_spec: Spec, the_history: History, busy: dict[str, int],
+def test_decide(metrics: Metrics | None, the_spec: Spec, the_history: History, busy: dict[str, int] | None,
                 replicas: int, reason: Reason) -> None:
     got = decision.decide(metrics, the_spec, the_history, busy)
     assert (got.replicas, got.reason) == (replicas, reason), got.message
