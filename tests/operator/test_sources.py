@@ -102,7 +102,8 @@ async def test_errors_are_ours_and_cached_too() -> None:
         await reader.close()
 
 
-async def test_busy_counts(reader: sources.Sources, rds: aioredis.Redis, redis_server: servers.Server) -> None:
+async def test_busy_counts(reader: sources.Sources, rds: aioredis.Redis,
+                           redis_server: servers.Server) -> None:
     await rds.set("chatq:busy:pod-a", 3)
     await rds.set("chatq:busy:pod-b", 0)
     await rds.set("chatq:busy:pod-c", "garbage")
