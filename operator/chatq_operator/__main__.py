@@ -1,0 +1,58 @@
+"""`python -m chatq_operator`: run the QueueScaler operator.
+
+    python -m chatq_operator --namespace chatq            # one namespace (repeatable)
+    python -m chatq_operator --all-namespaces
+    CHATQ_OPERATOR_NAMESPACES=a,b python -m chatq_operator
+
+It runs standalone (no kopf peering objects needed); run one replica. Credentials come
+from the pod's service account, else KUBECONFIG. The environment also sets
+CHATQ_OPERATOR_METRICS_PORT (Prometheus, default 8080, 0 for none), and
+CHATQ_OPERATOR_BUSY_REDIS_URL or CHATQ_REDIS_URL: where workers report busy counts when a
+QueueScaler names no busyRedisUrl and its queue is not a Redis stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import kopf
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m chatq_operator", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="namespace to watch (repeatable; glob patterns allowed); "
+                             "default: CHATQ_OPERATOR_NAMESPACES, comma-separated")
+    parser.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus port (default CHATQ_OPERATOR_METRICS_PORT or 8080; 0: off)")
+    parser.add_argument("--liveness", default=os.environ.get("CHATQ_OPERATOR_LIVENESS", ""),
+                        help="kopf's liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    if not args.namespace:
+        args.namespace = [n.strip() for n in os.environ.get("CHATQ_OPERATOR_NAMESPACES", "").split(",")
+                          if n.strip()]
+    if not args.namespace and not args.all_namespaces:
+        parser.error("name a namespace (--namespace or CHATQ_OPERATOR_NAMESPACES) or --all-namespaces")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.metrics_port is not None:
+        os.environ["CHATQ_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
+    kopf.configure(verbose=args.verbose)
+    from chatq_operator import handlers  # registers the handlers with kopf
+
+    del handlers
+    kopf.run(standalone=True, clusterwide=args.all_namespaces,
+             namespaces=[] if args.all_namespaces else args.namespace,
+             liveness_endpoint=args.liveness or None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""A QueueScaler's spec, read into typed values with the CRD's defaults.
+
+The API server applies the CRD's defaults and validation already; these defaults are the
+same, so a spec stored before a field existed (or a test's hand-made body) reads the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from chatq_operator import decision, sources
+
+#: The CRD's coordinates.
+GROUP, VERSION, PLURAL, KIND = "chatq.io", "v1alpha1", "queuescalers", "QueueScaler"
+
+DEFAULT_POLL_SECONDS = 5.0
+MIN_POLL_SECONDS = 0.5
+
+
+class InvalidSpec(ValueError):
+    """The spec cannot be used; the message says which field and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalerConfig:
+    """Everything one poll of a QueueScaler needs from its spec."""
+
+    target: str
+    """The Deployment's name, in the QueueScaler's namespace."""
+    queue: sources.QueueRef
+    rules: decision.Spec
+    poll_seconds: float
+    busy_redis_url: str
+    """Where the workers' `chatq:busy:<pod>` keys live; empty: busy counts are not read."""
+
+
+def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "") -> ScalerConfig:
+    """The config of one spec; raises InvalidSpec."""
+    target_ref = spec.get("targetRef") or {}
+    target = str(target_ref.get("name") or "")
+    if not target:
+        raise InvalidSpec("spec.targetRef.name is required")
+    if target_ref.get("kind", "Deployment") != "Deployment":
+        raise InvalidSpec(f"spec.targetRef.kind {target_ref.get('kind')!r} is not supported "
+                          "(Deployment only)")
+    queue, busy_url = _queue(spec.get("queue") or {})
+    try:
+        fallback = spec.get("fallbackReplicas")
+        rules = decision.Spec(
+            min_replicas=int(spec.get("minReplicas", 0)),
+            max_replicas=int(spec.get("maxReplicas", 10)),
+            messages_per_replica=int(spec.get("messagesPerReplica", 32)),
+            activation_messages=int(spec.get("activationMessages", 0)),
+            include_in_flight=bool(spec.get("includeInFlight", True)),
+            scale_down_stabilization_seconds=float(spec.get("scaleDownStabilizationSeconds", 60)),
+            idle_seconds_before_zero=float(spec.get("idleSecondsBeforeZero", 300)),
+            fallback_replicas=None if fallback is None else int(fallback),
+            errors_before_fallback=int(spec.get("errorsBeforeFallback", 3)),
+            max_scale_up_step=int(spec.get("maxScaleUpStep", 10)),
+        )
+        poll = float(spec.get("pollSeconds", DEFAULT_POLL_SECONDS))
+    except (TypeError, ValueError) as exc:
+        raise InvalidSpec(f"spec has a field of the wrong type: {exc}") from None
+    if rules.min_replicas < 0 or rules.max_replicas < 1 or rules.messages_per_replica < 1:
+        raise InvalidSpec("minReplicas must be >= 0, maxReplicas >= 1 and messagesPerReplica >= 1")
+    if rules.min_replicas > rules.max_replicas:
+        raise InvalidSpec(f"minReplicas {rules.min_replicas} is greater than "
+                          f"maxReplicas {rules.max_replicas}")
+    busy = str(spec.get("busyRedisUrl") or busy_url or default_busy_redis_url)
+    return ScalerConfig(target, queue, rules, max(MIN_POLL_SECONDS, poll), busy)
+
+
+def _queue(queue: Mapping[str, Any]) -> tuple[sources.QueueRef, str]:
+    """The queue reference, and the Redis URL it implies for busy counts (redis queues)."""
+    sqs: Mapping[str, Any] = queue.get("sqs") or {}
+    rds: Mapping[str, Any] = queue.get("redis") or {}
+    if ("sqs" in queue) == ("redis" in queue):
+        raise InvalidSpec("spec.queue needs exactly one of sqs or redis")
+    if "sqs" in queue:
+        url, name = str(sqs.get("url") or ""), str(sqs.get("name") or "")
+        if not (url or name):
+            raise InvalidSpec("spec.queue.sqs needs a url or a name")
+        return sources.SqsQueue(url=url, name=name, region=str(sqs.get("region") or "us-east-1"),
+                                endpoint=str(sqs.get("endpoint") or "")), ""
+    ref = sources.RedisQueue(url=str(rds.get("url") or sources.RedisQueue.url),
+                             stream=str(rds.get("stream") or sources.RedisQueue.stream),
+                             group=str(rds.get("group") or sources.RedisQueue.group))
+    return ref, ref.url

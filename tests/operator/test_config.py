@@ -1,0 +1,83 @@
+"""Reading a QueueScaler spec: defaults as in the CRD, and the errors a bad spec gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped,unused-ignore]
+from chatq_operator import config, decision, sources
+
+CRD = Path(__file__).resolve().parents[2] / "charts" / "chatq" / "crds" / "queuescalers.chatq.io.yaml"
+
+
+def test_defaults_match_the_crd() -> None:
+    """The parser's defaults are the CRD's, so the API server and the operator agree."""
+    crd = yaml.safe_load(CRD.read_text())
+    version = crd["spec"]["versions"][0]
+    props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert (crd["spec"]["group"], version["name"], crd["spec"]["names"]["plural"]) == (
+        config.GROUP, config.VERSION, config.PLURAL)
+    cfg = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {}}})
+    rules = cfg.rules
+    assert props["minReplicas"]["default"] == rules.min_replicas
+    assert props["maxReplicas"]["default"] == rules.max_replicas
+    assert props["messagesPerReplica"]["default"] == rules.messages_per_replica
+    assert props["activationMessages"]["default"] == rules.activation_messages
+    assert props["includeInFlight"]["default"] == rules.include_in_flight
+    assert props["scaleDownStabilizationSeconds"]["default"] == rules.scale_down_stabilization_seconds
+    assert props["idleSecondsBeforeZero"]["default"] == rules.idle_seconds_before_zero
+    assert props["errorsBeforeFallback"]["default"] == rules.errors_before_fallback
+    assert props["maxScaleUpStep"]["default"] == rules.max_scale_up_step
+    assert props["pollSeconds"]["default"] == cfg.poll_seconds
+    assert "default" not in props["fallbackReplicas"] and rules.fallback_replicas is None
+    redis_props = props["queue"]["properties"]["redis"]["properties"]
+    assert cfg.queue == sources.RedisQueue(redis_props["url"]["default"], redis_props["stream"]["default"],
+                                           redis_props["group"]["default"])
+    assert decision.Spec() == rules
+
+
+def test_full_sqs_spec() -> None:
+    cfg = config.parse({
+        "targetRef": {"kind": "Deployment", "name": "worker"},
+        "queue": {"sqs": {"url": "http://mq:9324/000/jobs", "region": "eu-west-1", "endpoint": "http://mq:9324"}},
+        "minReplicas": 1, "maxReplicas": 20, "messagesPerReplica": 8, "activationMessages": 2,
+        "includeInFlight": False, "pollSeconds": 2, "scaleDownStabilizationSeconds": 30,
+        "idleSecondsBeforeZero": 90, "fallbackReplicas": 4, "errorsBeforeFallback": 2, "maxScaleUpStep": 5,
+        "busyRedisUrl": "redis://results:6379/0",
+    }, default_busy_redis_url="redis://ignored:6379/0")
+    assert cfg.target == "worker"
+    assert cfg.queue == sources.SqsQueue("http://mq:9324/000/jobs", "", "eu-west-1", "http://mq:9324")
+    assert cfg.rules == decision.Spec(1, 20, 8, 2, False, 30.0, 90.0, 4, 2, 5)
+    assert (cfg.poll_seconds, cfg.busy_redis_url) == (2.0, "redis://results:6379/0")
+
+
+@pytest.mark.parametrize(("queue", "busy"), [
+    ({"redis": {"url": "redis://q:6379/1"}}, "redis://q:6379/1"),
+    ({"sqs": {"name": "jobs"}}, "redis://default:6379/0"),
+], ids=["redis-queue-redis", "operator-default"])
+def test_busy_redis_url(queue: dict[str, Any], busy: str) -> None:
+    cfg = config.parse({"targetRef": {"name": "w"}, "queue": queue}, "redis://default:6379/0")
+    assert cfg.busy_redis_url == busy
+
+
+def test_poll_seconds_has_a_floor() -> None:
+    cfg = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {}}, "pollSeconds": 0.01})
+    assert cfg.poll_seconds == config.MIN_POLL_SECONDS
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ({"queue": {"redis": {}}}, "targetRef.name is required"),
+    ({"targetRef": {"name": "w", "kind": "StatefulSet"}, "queue": {"redis": {}}}, "Deployment only"),
+    ({"targetRef": {"name": "w"}, "queue": {}}, "exactly one of sqs or redis"),
+    ({"targetRef": {"name": "w"}, "queue": {"redis": {}, "sqs": {"name": "q"}}}, "exactly one"),
+    ({"targetRef": {"name": "w"}, "queue": {"sqs": {"region": "x"}}}, "a url or a name"),
+    ({"targetRef": {"name": "w"}, "queue": {"redis": {}}, "minReplicas": 5, "maxReplicas": 2},
+     "greater than maxReplicas"),
+    ({"targetRef": {"name": "w"}, "queue": {"redis": {}}, "messagesPerReplica": 0}, "messagesPerReplica"),
+    ({"targetRef": {"name": "w"}, "queue": {"redis": {}}, "maxReplicas": "many"}, "wrong type"),
+])
+def test_invalid_specs(spec: dict[str, Any], error: str) -> None:
+    with pytest.raises(config.InvalidSpec, match=error):
+        config.parse(spec)
