@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from chatq import errors, jobs
+from chatq import settings as settings_mod
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ def idempotency_key(owner: str, key: str) -> str:
 def busy_key(worker_id: str) -> str:
     """A worker's in-flight count, for the operator's busy-aware scale-in."""
     return f"chatq:busy:{worker_id}"
+
+
+def connect(cfg: settings_mod.RedisSettings) -> aioredis.Redis:
+    """A client whose pool makes callers wait (up to the timeout) rather than fail at the cap."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        cfg.url, max_connections=cfg.max_connections, timeout=cfg.timeout_seconds,
+        decode_responses=True, socket_connect_timeout=cfg.timeout_seconds,
+        health_check_interval=30)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 P = ParamSpec("P")
@@ -179,11 +189,9 @@ class Store:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, ttl_seconds: int, timeout: float = 5.0) -> Store:
+    def from_settings(cls, cfg: settings_mod.RedisSettings) -> Store:
         """A Store with its own connection pool."""
-        client = aioredis.from_url(url, decode_responses=True, socket_timeout=None,
-                                   socket_connect_timeout=timeout, health_check_interval=30)
-        return cls(client, ttl_seconds)
+        return cls(connect(cfg), cfg.results_ttl_seconds)
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -214,7 +222,8 @@ class Store:
         }
         if request.metadata:
             fields["metadata"] = json.dumps(request.metadata)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # No MULTI: a fresh id has no readers yet, and one round trip is what matters here.
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(job_key(job_id), mapping=fields)
             pipe.expire(job_key(job_id), self.ttl)
             await pipe.execute()
@@ -302,9 +311,11 @@ class Store:
     @translate_errors
     async def finish(self, job_id: str, token: str, status: jobs.Status, *, answer: str = "",
                      error: dict[str, str] | None = None, usage: dict[str, int] | None = None,
-                     model: str = "") -> str:
+                     model: str = "", model_seconds: float | None = None) -> str:
         """Write the outcome once; 'ok', or why not (lost lease, already terminal...)."""
         fields: dict[str, str] = {"status": status.value}
+        if model_seconds is not None:
+            fields["_model_seconds"] = f"{model_seconds:.6f}"
         if answer:
             fields["answer"] = answer
         if error:

@@ -92,7 +92,10 @@ class RedisSettings(_Group):
     results_ttl_seconds: int = Field(24 * 3600, ge=60)
     """How long a job record and its token stream live, in seconds. Default 86400 (24 h)."""
     timeout_seconds: float = 5.0
-    """Socket timeout of Redis calls; an unreachable Redis fails fast with 503. Default 5 s."""
+    """Connect timeout, and the longest a call waits for a free pooled connection; past
+    it the API answers 503. Default 5 s."""
+    max_connections: int = Field(512, ge=4)
+    """Redis connections per process (SSE streams hold one each). Default 512."""
 
 
 class LlmSettings(_Group):
@@ -208,3 +211,16 @@ def env_table() -> list[tuple[str, str, str]]:
             shown = str(default).lower() if isinstance(default, bool) else str(default)
             rows.append((f"CHATQ_{group}_{name}".upper(), shown, (sub.description or "").strip()))
     return rows
+
+
+def markdown_table() -> str:
+    """The README's settings table (`python -m chatq.settings` prints it)."""
+    lines = ["| variable | default | what it sets |", "|---|---|---|"]
+    for name, default, doc in env_table():
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{name}` | {shown} | {' '.join(doc.split()).replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

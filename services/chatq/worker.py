@@ -238,7 +238,8 @@ class Worker:
         finally:
             beat.cancel()
         state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
-                                        usage=answer.usage, model=answer.model)
+                                        usage=answer.usage, model=answer.model,
+                                        model_seconds=answer.model_seconds)
         if state == "ok":
             metrics.jobs_finished.labels("succeeded", "ok").inc()
             metrics.job_overhead.observe(
@@ -318,8 +319,7 @@ async def serve(settings: settings_mod.Settings) -> None:
     from chatq import queues
 
     worker_id = settings.worker.id or default_worker_id()
-    store = results.Store.from_url(settings.redis.url, settings.redis.results_ttl_seconds,
-                                   settings.redis.timeout_seconds)
+    store = results.Store.from_settings(settings.redis)
     queue = queues.open_queue(settings, consumer=worker_id)
     model = llm.Llm(settings)
     worker = Worker(settings, queue, store, model)

@@ -133,8 +133,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: settings_mod.Settings = app.state.settings
-    store = results.Store.from_url(settings.redis.url, settings.redis.results_ttl_seconds,
-                                   settings.redis.timeout_seconds)
+    store = results.Store.from_settings(settings.redis)
     queue = open_queue(settings)
     waiter = results.DoneWaiter(store.redis)
     app.state.store, app.state.queue, app.state.waiter = store, queue, waiter

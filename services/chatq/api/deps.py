@@ -40,30 +40,31 @@ def api_error(status: int, code: str, message: str, headers: dict[str, str] | No
     return HTTPException(status, detail={"code": code, "message": message}, headers=headers)
 
 
-def get_settings(request: Request) -> settings_mod.Settings:
+async def get_settings(request: Request) -> settings_mod.Settings:
     settings: settings_mod.Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> results.Store:
+async def get_store(request: Request) -> results.Store:
     store: results.Store = request.app.state.store
     return store
 
 
-def get_queue(request: Request) -> Queue:
+async def get_queue(request: Request) -> Queue:
     queue: Queue = request.app.state.queue
     return queue
 
 
-def get_waiter(request: Request) -> results.DoneWaiter:
+async def get_waiter(request: Request) -> results.DoneWaiter:
     waiter: results.DoneWaiter = request.app.state.waiter
     return waiter
 
 
+# Sync dependencies would run in a thread pool: every one here is async on purpose.
 _bearer = HTTPBearer(auto_error=False, description="An API key from CHATQ_API_KEYS.")
 
 
-def get_owner(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None,
+async def get_owner(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None,
                                                         Depends(_bearer)]) -> str:
     """Who is calling: a digest of their API key, or `open` when no keys are configured."""
     keys: frozenset[str] = request.app.state.key_hashes

@@ -78,4 +78,4 @@ def open_queue(settings: settings_mod.Settings, consumer: str = "api") -> Queue:
         return sqs.SqsQueue(settings.queue)
     from chatq.queues import redis_streams
 
-    return redis_streams.RedisStreamsQueue(settings.queue, settings.redis.url, consumer)
+    return redis_streams.RedisStreamsQueue(settings.queue, settings.redis, consumer)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from chatq import errors
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Depth
+from chatq import results
 from chatq.results import translate_errors
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,14 @@ class RedisStreamsQueue:
 
     backend = "redis"
 
-    def __init__(self, cfg: settings_mod.QueueSettings, url: str, consumer: str) -> None:
+    def __init__(self, cfg: settings_mod.QueueSettings, redis_cfg: settings_mod.RedisSettings,
+                 consumer: str) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.dlq = f"{cfg.name}-dlq"
         self.group = cfg.group
         self.consumer = consumer
-        self.redis = aioredis.from_url(url, decode_responses=True, socket_connect_timeout=5,
-                                       health_check_interval=30)
+        self.redis = results.connect(redis_cfg)
         self._visibility_ms = cfg.visibility_seconds * 1000
         self._next_autoclaim = 0.0
 

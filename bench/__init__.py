@@ -1,0 +1,1 @@
+"""Benchmarks of chatq against peers measured in the same run (see README, Benchmarks)."""
