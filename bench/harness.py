@@ -16,6 +16,7 @@ from typing import Any
 from chatq import jobs, results
 from chatq import settings as settings_mod
 from chatq.queues import Queue, open_queue
+
 from tests import servers
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -16,9 +16,9 @@ import uuid
 
 import httpx
 import openai
+from chatq import results
 
 from bench import harness
-from chatq import results
 from tests import servers
 
 

@@ -15,9 +15,9 @@ import time
 import uuid
 
 import openai
+from chatq import jobs
 
 from bench import harness
-from chatq import jobs
 from tests import servers
 
 

@@ -104,82 +104,101 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
     raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f}s")
 
 
-def cmd_up(settings: settings_mod.Settings) -> None:
-    """Redis, llmsim (when no model is configured), api and worker; Ctrl-C stops all."""
-    children: list[tuple[str, subprocess.Popen[bytes]]] = []
-    env = dict(os.environ)
-    me = [sys.executable, "-m", "chatq"]
+class _Children:
+    """The processes `chatq up` started, stopped in reverse order."""
 
-    def start(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env=env)
-        children.append((name, proc))
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd)
+        self.procs.append((name, proc))
         return proc
 
-    def stop_all() -> None:
-        for name, proc in reversed(children):
+    def check(self) -> None:
+        """Raise if one has exited."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; stopping the rest")
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 _say(f"stopping {name}...")
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(settings.worker.grace_seconds + 5)
+                    proc.wait(self.grace + 5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
+
+def _ensure_redis(settings: settings_mod.Settings, children: _Children) -> None:
+    """Use the Redis at CHATQ_REDIS_URL, or start a local one there."""
+    redis_url = urlparse(settings.redis.url)
+    host, port = redis_url.hostname or "localhost", redis_url.port or 6379
+    if _port_busy(host, port):
+        _say(f"using the Redis already at {host}:{port}")
+        return
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed: `apt-get install redis-server` (or run"
+                           " scripts/up, which does), or point CHATQ_REDIS_URL at a Redis")
+    data = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatq" / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    _say(f"starting redis-server on {host}:{port} (data in {data})...")
+    proc = children.start("redis-server", [exe, "--port", str(port), "--bind", "127.0.0.1",
+                                           "--dir", str(data), "--appendonly", "yes",
+                                           "--loglevel", "warning"])
+    deadline = time.monotonic() + 15
+    while not _port_busy(host, port):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("redis-server did not start; its output is above")
+        time.sleep(0.05)
+
+
+def _start_chatq(settings: settings_mod.Settings, children: _Children) -> str:
+    """llmsim (when no model is configured), the api and a worker; returns the api's URL."""
+    me = [sys.executable, "-m", "chatq"]
+    if settings.uses_simulator:
+        sim = f"http://{settings.llmsim.host}:{settings.llmsim.port}"
+        _say(f"no CHATQ_LLM_API_KEY or CHATQ_LLM_BASE_URL: starting llmsim at {sim}...")
+        _wait_http(f"{sim}/healthz", children.start("llmsim", [*me, "llmsim"]), "llmsim")
+    else:
+        _say(f"model: {settings.llm_model} at {settings.llm_base_url or 'OpenAI'}")
+    api_url = f"http://{settings.api.host}:{settings.api.port}"
+    if _port_busy(settings.api.host, settings.api.port):
+        raise RuntimeError(f"port {settings.api.port} is taken: stop what uses it or set CHATQ_API_PORT")
+    _say(f"starting the api at {api_url}...")
+    _wait_http(f"{api_url}/readyz", children.start("api", [*me, "api"]), "the api")
+    _say(f"starting a worker (concurrency {settings.worker.concurrency})...")
+    metrics = f"http://{settings.api.host}:{settings.telemetry.metrics_port or 9100}/healthz"
+    _wait_http(metrics, children.start("worker", [*me, "worker"]), "the worker")
+    return api_url
+
+
+def cmd_up(settings: settings_mod.Settings) -> None:
+    """Redis, llmsim (when no model is configured), api and worker; Ctrl-C stops all."""
+    children = _Children(settings.worker.grace_seconds)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        redis_url = urlparse(settings.redis.url)
-        rhost, rport = redis_url.hostname or "localhost", redis_url.port or 6379
-        if _port_busy(rhost, rport):
-            _say(f"using the Redis already at {rhost}:{rport}")
-        else:
-            exe = shutil.which("redis-server")
-            if exe is None:
-                sys.exit("chatq up: redis-server is not installed: `apt-get install redis-server`"
-                         " (or run scripts/up, which does), or point CHATQ_REDIS_URL at a Redis")
-            data = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatq" / "redis"
-            data.mkdir(parents=True, exist_ok=True)
-            _say(f"starting redis-server on {rhost}:{rport} (data in {data})...")
-            start("redis-server", [exe, "--port", str(rport), "--bind", "127.0.0.1",
-                                   "--dir", str(data), "--appendonly", "yes",
-                                   "--loglevel", "warning"])
-            deadline = time.monotonic() + 15
-            while not _port_busy(rhost, rport):
-                if time.monotonic() > deadline or children[-1][1].poll() is not None:
-                    raise RuntimeError("redis-server did not start; its output is above")
-                time.sleep(0.05)
-        if settings.uses_simulator:
-            sim = f"http://{settings.llmsim.host}:{settings.llmsim.port}"
-            _say(f"no CHATQ_LLM_API_KEY or CHATQ_LLM_BASE_URL: starting llmsim at {sim}...")
-            _wait_http(f"{sim}/healthz", start("llmsim", [*me, "llmsim"]), "llmsim")
-        else:
-            _say(f"model: {settings.llm_model} at {settings.llm_base_url or 'OpenAI'}")
-        api_url = f"http://{settings.api.host}:{settings.api.port}"
-        if _port_busy(settings.api.host, settings.api.port):
-            raise RuntimeError(f"port {settings.api.port} is taken: stop what uses it or set "
-                               "CHATQ_API_PORT")
-        _say(f"starting the api at {api_url}...")
-        _wait_http(f"{api_url}/readyz", start("api", [*me, "api"]), "the api")
-        _say(f"starting a worker (concurrency {settings.worker.concurrency})...")
-        metrics_port = settings.telemetry.metrics_port or 9100
-        _wait_http(f"http://{settings.api.host}:{metrics_port}/healthz", start("worker", [*me, "worker"]),
-                   "the worker")
+        _ensure_redis(settings, children)
+        api_url = _start_chatq(settings, children)
         _say(f"chatq is up at {api_url} (docs at {api_url}/docs). Try:\n"
              f"    curl -s -XPOST {api_url}/v1/chat -H 'content-type: application/json' "
              "-d '{\"message\": \"Why is the sky blue?\"}'\n"
-             f"    chatq ask 'Why is the sky blue?'\n"
+             "    chatq ask 'Why is the sky blue?'\n"
              "Ctrl-C stops everything.")
         while True:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode}; stopping the rest")
+            children.check()
             time.sleep(0.5)
     except KeyboardInterrupt:
         _say("stopping...")
-        stop_all()
+        children.stop_all()
         _say("stopped.")
     except RuntimeError as exc:
         _say(f"error: {exc}")
-        stop_all()
+        children.stop_all()
         sys.exit(1)
 
 

@@ -129,7 +129,7 @@ class Client:
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    event_id, kind, data = "", "message", []
+    event_id, kind, data = "", "message", list[str]()
     for line in lines:
         if not line:
             if data:

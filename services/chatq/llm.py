@@ -114,8 +114,9 @@ class Llm:
         outcome = "error"
         try:
             async with asyncio.timeout(self.cfg.timeout_seconds):
-                stream = await self.client.chat.completions.create(
-                    model=model, messages=request.chat_messages(),  # type: ignore[misc]
+                # The SDK's overloads want TypedDict messages; ours are plain dicts of them.
+                stream = await self.client.chat.completions.create(  # type: ignore[call-overload]
+                    model=model, messages=request.chat_messages(),
                     stream=True, stream_options={"include_usage": True}, **kwargs)
                 async for chunk in stream:
                     if chunk.usage is not None:

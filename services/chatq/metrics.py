@@ -9,7 +9,7 @@ import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
 # The _created series double every counter for little use.
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -18,8 +18,11 @@ MODEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 http_requests = Counter("chatq_http_requests", "HTTP requests answered.",
                         ["method", "route", "status"])
 http_latency = Histogram("chatq_http_request_duration_seconds", "HTTP request latency.",
-                         ["method", "route"], buckets=LATENCY_BUCKETS)
+                         ["method", "route", "status"], buckets=LATENCY_BUCKETS)
 jobs_enqueued = Counter("chatq_jobs_enqueued", "Jobs put on the queue.", ["queue"])
+queue_messages = Gauge("chatq_queue_messages",
+                       "Messages in the queue at the last scrape: visible (waiting) or in flight.",
+                       ["queue", "state"])
 
 # --- worker ---
 jobs_finished = Counter("chatq_jobs_finished", "Jobs that reached a terminal status.",

@@ -20,8 +20,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -70,7 +70,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def translate_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def translate_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn Redis connection trouble into StoreUnavailable, so callers see our error only."""
 
     @functools.wraps(fn)
@@ -224,7 +224,7 @@ class Store:
             fields["metadata"] = json.dumps(request.metadata)
         # No MULTI: a fresh id has no readers yet, and one round trip is what matters here.
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(job_key(job_id), mapping=fields)
+            pipe.hset(job_key(job_id), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(job_key(job_id), self.ttl)
             await pipe.execute()
         return _decode_record({k: str(v) for k, v in fields.items()})
@@ -236,7 +236,7 @@ class Store:
         name = idempotency_key(owner, key)
         if await self.redis.set(name, f"{fingerprint} {job_id}", nx=True, ex=self.ttl):
             return None
-        value = await self.redis.get(name)
+        value = cast(str | None, await self.redis.get(name))
         if value is None:  # expired between the two calls: bind again
             return await self.remember_idempotency(owner, key, fingerprint, job_id)
         earlier_fp, earlier_id = value.split(" ", 1)
@@ -253,7 +253,7 @@ class Store:
     @translate_errors
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """The job record, or None when unknown or expired."""
-        raw = await self.redis.hgetall(job_key(job_id))
+        raw = cast(dict[str, str], await self.redis.hgetall(job_key(job_id)))
         return _decode_record(raw) if raw else None
 
     @translate_errors
@@ -266,11 +266,11 @@ class Store:
     async def read_events(self, job_id: str, after: str, block_ms: int,
                           count: int = 500) -> list[tuple[str, dict[str, str]]]:
         """Events after stream id `after`, waiting up to block_ms for the first."""
-        reply = await self.redis.xread({events_key(job_id): after}, count=count,
-                                       block=block_ms or None)
+        reply = cast(list[Any], await self.redis.xread({events_key(job_id): after}, count=count,
+                                                       block=block_ms or None))
         if not reply:
             return []
-        return [(eid, data) for eid, data in reply[0][1]]
+        return [(str(eid), dict(data)) for eid, data in reply[0][1]]
 
     # --- the worker's side -------------------------------------------------------------
 
@@ -375,7 +375,7 @@ class DoneWaiter:
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _wake(self, job_id: str) -> None:
         for fut in self._waiters.pop(job_id, ()):

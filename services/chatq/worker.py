@@ -179,7 +179,7 @@ class Worker:
             await self._dead_letter(delivery, "malformed_message")
             return
         with telemetry.consumer_span(self.queue.backend, self.queue.name, message.job_id,
-                                     delivery.attributes):
+                                     delivery.attributes, message_id=delivery.message_id):
             try:
                 await self._run_claimed(delivery, message)
             except errors.StoreUnavailable as exc:
@@ -237,9 +237,10 @@ class Worker:
             return
         finally:
             beat.cancel()
-        state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
-                                        usage=answer.usage, model=answer.model,
-                                        model_seconds=answer.model_seconds)
+        with telemetry.span("chatq.result.write", **{"chatq.job.status": "succeeded"}):
+            state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
+                                            usage=answer.usage, model=answer.model,
+                                            model_seconds=answer.model_seconds)
         if state == "ok":
             metrics.jobs_finished.labels("succeeded", "ok").inc()
             metrics.job_overhead.observe(
@@ -270,8 +271,9 @@ class Worker:
                     exc: errors.ChatqError) -> None:
         """Record the failure and dead-letter the message."""
         code = getattr(exc, "code", "error")
-        state = await self.store.finish(job_id, token, jobs.Status.FAILED,
-                                        error={"code": code, "message": str(exc)})
+        with telemetry.span("chatq.result.write", **{"chatq.job.status": "failed"}):
+            state = await self.store.finish(job_id, token, jobs.Status.FAILED,
+                                            error={"code": code, "message": str(exc)})
         log.warning("job %s failed: %s (%s)", job_id, exc, code)
         if state == "ok":
             metrics.jobs_finished.labels("failed", code).inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,7 +28,7 @@ _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
                 503: "unavailable"}
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None
            ) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
                         headers=headers)
@@ -84,7 +84,7 @@ class LimitsAndMetrics:
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.http_requests.labels(scope["method"], path, str(status)).inc()
-        metrics.http_latency.labels(scope["method"], path).observe(seconds)
+        metrics.http_latency.labels(scope["method"], path, str(status)).observe(seconds)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:

@@ -54,66 +54,57 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
                         status_code=status, headers=headers)
 
 
-def create_app(cfg: settings_mod.LlmsimSettings) -> FastAPI:
-    """The llmsim ASGI app."""
-    app = FastAPI(title="llmsim", description="An OpenAI-compatible model simulator.")
-    # Calls seen per conversation, for `llmsim:times=N` (bounded memory).
-    calls: OrderedDict[str, int] = OrderedDict()
-    stats = {"requests": 0, "failed": 0}
+class Simulator:
+    """The simulated model: timing, answers and injected failures."""
 
-    def injected_failure(body: dict[str, Any], d: dict[str, str]) -> str | None:
+    def __init__(self, cfg: settings_mod.LlmsimSettings) -> None:
+        self.cfg = cfg
+        # Calls seen per conversation, for `llmsim:times=N` (bounded memory).
+        self.calls: OrderedDict[str, int] = OrderedDict()
+        self.stats = {"requests": 0, "failed": 0}
+
+    def failure(self, messages: list[dict[str, Any]], d: dict[str, str]) -> str | None:
+        """Which failure to inject for this call, if any: '429', '500', 'hang', a status."""
         fail = d.get("fail")
         if fail:
-            key = hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
-            calls[key] = seen = calls.get(key, 0) + 1
-            calls.move_to_end(key)
-            while len(calls) > 100_000:
-                calls.popitem(last=False)
-            if "times" in d and seen > int(d["times"]):
-                return None
-            return fail
-        roll = random.random()
-        if roll < cfg.error_rate_429:
-            return "429"
-        if roll < cfg.error_rate_429 + cfg.error_rate_500:
-            return "500"
-        if roll < cfg.error_rate_429 + cfg.error_rate_500 + cfg.hang_rate:
-            return "hang"
+            key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+            self.calls[key] = seen = self.calls.get(key, 0) + 1
+            self.calls.move_to_end(key)
+            while len(self.calls) > 100_000:
+                self.calls.popitem(last=False)
+            return None if "times" in d and seen > int(d["times"]) else fail
+        roll, cfg = random.random(), self.cfg
+        for kind, rate in (("429", cfg.error_rate_429), ("500", cfg.error_rate_500),
+                           ("hang", cfg.hang_rate)):
+            if roll < rate:
+                return kind
+            roll -= rate
         return None
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", **stats}
+    async def fail(self, failure: str) -> Response:
+        self.stats["failed"] += 1
+        if failure == "hang":
+            await asyncio.sleep(3600)
+        if failure == "429":
+            return _error(429, "rate limited by llmsim", "rate_limit_error",
+                          {"retry-after": str(self.cfg.retry_after_seconds)})
+        status = int(failure) if failure.isdigit() else 500
+        return _error(status, f"llmsim injected a {status}",
+                      "server_error" if status >= 500 else "invalid_request_error")
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": settings_mod.SIMULATOR_MODEL, "object": "model", "created": 0, "owned_by": "llmsim"}]}
-
-    @app.post("/v1/chat/completions")
-    async def completions(request: Request) -> Response:
-        stats["requests"] += 1
-        try:
-            body = await request.json()
-            messages = body["messages"]
-            assert isinstance(messages, list) and messages
-        except (ValueError, KeyError, AssertionError):
+    async def complete(self, body: dict[str, Any]) -> Response:
+        """One /v1/chat/completions call."""
+        self.stats["requests"] += 1
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
             return _error(400, "'messages' must be a non-empty list", "invalid_request_error")
         d = directives(messages)
-        failure = injected_failure(body, d)
+        failure = self.failure(messages, d)
         if failure is not None:
-            stats["failed"] += 1
-            if failure == "hang":
-                await asyncio.sleep(3600)
-            if failure == "429":
-                return _error(429, "rate limited by llmsim", "rate_limit_error",
-                              {"retry-after": str(cfg.retry_after_seconds)})
-            status = int(failure) if failure.isdigit() else 500
-            return _error(status, f"llmsim injected a {status}", "server_error" if status >= 500
-                          else "invalid_request_error")
-        ttft = float(d.get("ttft_ms", cfg.ttft_ms)) / 1000
-        itl = float(d.get("itl_ms", cfg.itl_ms)) / 1000
-        count = int(d.get("tokens", cfg.tokens))
+            return await self.fail(failure)
+        ttft = float(d.get("ttft_ms", self.cfg.ttft_ms)) / 1000
+        itl = float(d.get("itl_ms", self.cfg.itl_ms)) / 1000
+        count = int(d.get("tokens", self.cfg.tokens))
         if body.get("max_tokens"):
             count = min(count, int(body["max_tokens"]))
         tokens = answer_tokens(messages, max(1, count))
@@ -121,37 +112,59 @@ def create_app(cfg: settings_mod.LlmsimSettings) -> FastAPI:
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                  "total_tokens": prompt_tokens + len(tokens)}
-        cid = f"chatcmpl-{uuid.uuid4().hex[:20]}"
-        created = int(time.time())
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "created": int(time.time()),
+                "model": model}
         if not body.get("stream"):
             await asyncio.sleep(ttft + itl * (len(tokens) - 1))
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": "".join(tokens)}}],
-                "usage": usage})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return JSONResponse({**head, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": "".join(tokens)}}]})
+        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(head, tokens, ttft, itl, usage if with_usage else None),
+                                 media_type="text/event-stream")
 
-        async def stream() -> AsyncIterator[bytes]:
-            def chunk(delta: dict[str, Any], finish: str | None = None,
-                      use: dict[str, int] | None = None) -> bytes:
-                data = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": model, "usage": use,
-                        "choices": [] if use else [{"index": 0, "delta": delta,
-                                                    "finish_reason": finish}]}
-                return b"data: " + json.dumps(data).encode() + b"\n\n"
 
-            await asyncio.sleep(ttft)
-            for i, token in enumerate(tokens):
-                if i:
-                    await asyncio.sleep(itl)
-                delta = {"content": token} if i else {"role": "assistant", "content": token}
-                yield chunk(delta)
-            yield chunk({}, "stop")
-            if include_usage:
-                yield chunk({}, None, usage)
-            yield b"data: [DONE]\n\n"
+async def _stream(head: dict[str, Any], tokens: list[str], ttft: float, itl: float,
+                  usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None,
+              use: dict[str, int] | None = None) -> bytes:
+        data = {**head, "object": "chat.completion.chunk", "usage": use,
+                "choices": [] if use else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(data).encode() + b"\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+    await asyncio.sleep(ttft)
+    for i, token in enumerate(tokens):
+        if i:
+            await asyncio.sleep(itl)
+        yield chunk({"content": token} if i else {"role": "assistant", "content": token})
+    yield chunk({}, "stop")
+    if usage is not None:
+        yield chunk({}, None, usage)
+    yield b"data: [DONE]\n\n"
+
+
+def create_app(cfg: settings_mod.LlmsimSettings) -> FastAPI:
+    """The llmsim ASGI app."""
+    app = FastAPI(title="llmsim", description="An OpenAI-compatible model simulator.")
+    sim = Simulator(cfg)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", **sim.stats}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": settings_mod.SIMULATOR_MODEL, "object": "model",
+                                            "created": 0, "owned_by": "llmsim"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not JSON", "invalid_request_error")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object", "invalid_request_error")
+        return await sim.complete(body)
 
     return app

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 
 import redis.exceptions
 
-from chatq import errors
+from chatq import errors, results
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Depth
-from chatq import results
 from chatq.results import translate_errors
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,17 @@ class RedisStreamsQueue:
 
     @translate_errors
     async def send(self, body: str, attributes: dict[str, str]) -> str:
-        fields = {f"attr:{k}": v for k, v in attributes.items()}
-        return str(await self.redis.xadd(self.name, {"body": body, **fields}))
+        fields: dict[str | bytes, str | bytes] = {"body": body}
+        fields.update({f"attr:{k}": v for k, v in attributes.items()})
+        return str(await self.redis.xadd(self.name, fields))  # type: ignore[arg-type]
 
     @translate_errors
     async def receive(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
         got = await self._reclaim(max_messages)
         if len(got) < max_messages:
             # BLOCK 0 would wait forever: no wait means no BLOCK at all.
-            block = int(min(wait_seconds, MAX_BLOCK_SECONDS) * 1000) if not got else 0
-            block = block or None
+            block_ms = int(min(wait_seconds, MAX_BLOCK_SECONDS) * 1000) if not got else 0
+            block = block_ms or None
             try:
                 reply = await self.redis.xreadgroup(self.group, self.consumer, {self.name: ">"},
                                                     count=max_messages - len(got), block=block)
@@ -74,7 +75,7 @@ class RedisStreamsQueue:
                     raise
                 await self.setup()
                 reply = []
-            for _stream, entries in reply or []:
+            for _stream, entries in cast(list[Any], reply or []):
                 for entry_id, fields in entries:
                     got.append(_delivery(entry_id, fields, 1))
         return got
@@ -156,7 +157,7 @@ class RedisStreamsQueue:
 
     @translate_errors
     async def dead_letters(self, limit: int = 100) -> list[str]:
-        entries = await self.redis.xrange(self.dlq, count=limit)
+        entries = cast(list[tuple[str, dict[str, str]]], await self.redis.xrange(self.dlq, count=limit))
         return [fields.get("body", "") for _id, fields in entries]
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import aiobotocore.session
@@ -32,7 +32,7 @@ R = TypeVar("R")
 ACK_LINGER_SECONDS = 0.01
 
 
-def _translate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """botocore errors become ours: throttling and outages are temporary."""
 
     @functools.wraps(fn)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import prometheus_client
 from fastapi import APIRouter, Response
 
 from chatq import errors
+from chatq import metrics as chatq_metrics
 from chatq.api.deps import QueueDep, StoreDep, api_error
 
 router = APIRouter(tags=["health"])
@@ -33,6 +36,17 @@ async def readyz(store: StoreDep, queue: QueueDep) -> dict[str, Any]:
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(queue: QueueDep) -> Response:
+    # The queue's depth is read at scrape time, so backlog alerts work with no operator and
+    # with no worker running (the very case the "no workers" alert is for).
+    try:
+        async with asyncio.timeout(2):
+            depth = await queue.depth()
+        chatq_metrics.queue_messages.labels(queue.name, "visible").set(depth.visible)
+        chatq_metrics.queue_messages.labels(queue.name, "in_flight").set(depth.in_flight)
+    except (errors.ChatqError, TimeoutError):
+        for state in ("visible", "in_flight"):
+            with contextlib.suppress(KeyError):
+                chatq_metrics.queue_messages.remove(queue.name, state)
     return Response(prometheus_client.generate_latest(),
                     media_type=prometheus_client.CONTENT_TYPE_LATEST)
