@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nQueueScaler vs KEDA's SQS scaler, {mode}; ratio = chatq measured (else modelled) / KEDA")
     print(f"  {'':{width}}  {'chatq measured':>15}  {'chatq model':>12}  {'KEDA model':>11}  ratio")
     data: dict[str, Any] = {"scenario": dataclasses.asdict(scenario), "rows": {},
-                            "keda_timings": dataclasses.asdict(keda), "chatq_timings": dataclasses.asdict(ours)}
+                            "keda_timings": dataclasses.asdict(keda),
+                            "chatq_timings": dataclasses.asdict(ours)}
     for label, meas, ours_m, keda_v, unit in rows_spec:
         basis = meas if not math.isnan(meas) else ours_m
         if "busy pods" in label:
