@@ -203,8 +203,9 @@ def _from_zero(poll: _Poll, low: int, high: int) -> Decision:
     if poll.counted <= activation and poll.floor == 0:
         if low > 0:
             return poll.done(low, Reason.CLAMPED_TO_MIN, f"0 replicas is below minReplicas {low}")
-        return poll.done(0, Reason.BELOW_ACTIVATION,
-                         f"{poll.counted} messages do not pass activationMessages {activation}")
+        why = ("the queue is empty" if poll.counted == 0 else
+               f"{poll.counted} messages do not pass activationMessages {activation}")
+        return poll.done(0, Reason.BELOW_ACTIVATION, why)
     wanted = _clamp(max(poll.demand, 1), low, high)
     return poll.up(0, wanted, Reason.WAKE_FROM_ZERO,
                    f"{poll.counted} messages passed activationMessages {activation}")

@@ -63,8 +63,11 @@ class Kube:
         self._api = api
 
     @classmethod
-    def connect(cls) -> Kube:
-        """In a pod: its service account; elsewhere: KUBECONFIG or ~/.kube/config."""
+    def connect(cls, kubeconfig: str | None = None) -> Kube:
+        """In a pod: its service account; elsewhere: `kubeconfig`, KUBECONFIG or ~/.kube/config."""
+        if kubeconfig:
+            return cls(kubernetes.config.new_client_from_config(  # type: ignore[no-untyped-call,unused-ignore]
+                config_file=kubeconfig))
         try:
             kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call,unused-ignore]
         except kubernetes.config.ConfigException:
@@ -76,10 +79,11 @@ class Kube:
 
     async def _call(self, method: str, path: str, body: Any = None, *, query: Mapping[str, str] | None = None,
                     content_type: str = "application/json") -> dict[str, Any]:
-        return await asyncio.to_thread(self._call_sync, method, path, body, query, content_type)
+        return await asyncio.to_thread(self.request, method, path, body, query, content_type)
 
-    def _call_sync(self, method: str, path: str, body: Any, query: Mapping[str, str] | None,
-                   content_type: str) -> dict[str, Any]:
+    def request(self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None,
+                content_type: str = "application/json") -> dict[str, Any]:
+        """One API call, blocking: the JSON answer; raises KubeError (its status 404 etc.)."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
