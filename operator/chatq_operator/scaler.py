@@ -83,6 +83,8 @@ class Scaler:
                                   "reason": str(made.reason), "message": made.message,
                                   "observedGeneration": generation}
         if made.changes:
+            log.info("QueueScaler %s/%s: %s %d -> %d (%s)", self.namespace, self.name, cfg.target,
+                     scale.replicas, made.replicas, made.message)
             await self.api.set_replicas(self.namespace, cfg.target, made.replicas)
             direction = "up" if made.replicas > scale.replicas else "down"
             telemetry.SCALINGS.labels(self.namespace, self.name, direction).inc()
