@@ -315,6 +315,7 @@ def test_activation_scale_out_scale_in_on_sqs(cluster: Cluster, operator: Operat
     wait_until(lambda: len(cluster.running("worker")) == 3, "3 running kwok pods", 30)
     sqs.send(25)  # 40 → 8 wanted, clamped to maxReplicas 4
     wait_until(lambda: cluster.replicas("worker") == 4, "4 replicas (clamped)", 2 * POLL + 2.5, every=0.05)
+    wait_until(lambda: cluster.status("qs").get("desiredReplicas") == 4, "the status to follow", 5)
     status = cluster.status("qs")
     assert (status["visible"], status["inFlight"], status["desiredReplicas"]) == (40, 0, 4)
     assert status["lastScaleTime"].endswith("Z")
