@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -143,7 +143,3 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
         delay = max(delay, retry_after)
     return float(min(cap, delay))
 
-
-def job_view(record: dict[str, Any]) -> dict[str, Any]:
-    """The public JSON of a job record (drops internal fields)."""
-    return {k: v for k, v in record.items() if not k.startswith("_")}

@@ -303,10 +303,8 @@ class Store:
     async def append_delta(self, job_id: str, text: str, attempt: int) -> None:
         """Add a token delta to the job's event stream."""
         data = json.dumps({"text": text, "attempt": attempt})
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(events_key(job_id), {"type": "delta", "data": data})
-            pipe.expire(events_key(job_id), self.ttl)
-            await pipe.execute()
+        # No EXPIRE here: claim() gave the stream its TTL and finish() renews it.
+        await self.redis.xadd(events_key(job_id), {"type": "delta", "data": data})
 
     @translate_errors
     async def finish(self, job_id: str, token: str, status: jobs.Status, *, answer: str = "",

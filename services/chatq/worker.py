@@ -245,6 +245,10 @@ class Worker:
             metrics.jobs_finished.labels("succeeded", "ok").inc()
             metrics.job_overhead.observe(
                 max(0.0, time.time() - message.enqueued_at - answer.model_seconds))
+            # One line per job (never its text): with JSON logs it carries job_id and trace_id.
+            log.info("job %s succeeded: model %s, %d completion tokens, %.2fs in the model",
+                     job_id, answer.model, answer.usage.get("completion_tokens", 0),
+                     answer.model_seconds)
         else:
             self._skip(job_id, state)
         if state != "lost":

@@ -260,6 +260,22 @@ def test_permanent_failure_dead_letters(stack_factory: StackFactory, backend: st
         [refused["id"], broken["id"]])
 
 
+def test_too_many_deliveries_fail_the_job(stack_factory: StackFactory, backend: str) -> None:
+    stack = stack_factory(backend, CHATQ_QUEUE_MAX_RECEIVES="1")
+    with stack.client() as http, chatq_client.Client(stack.url) as c:
+        job_id = ask(http, "crashes its worker llmsim:itl_ms=100 llmsim:tokens=40")
+        for event in c.events(job_id):
+            if event.type == "delta":
+                break
+        stack.workers[0].kill()  # the one allowed delivery dies with its worker
+        stack.start_worker()
+        job = wait_done(http, job_id, timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "too_many_deliveries", job
+    assert job["answer"] is None
+    [dead] = queue_call(stack, "dead_letters")
+    assert job_id in dead
+
+
 def test_malformed_message_is_dead_lettered(stack_factory: StackFactory, backend: str) -> None:
     stack = stack_factory(backend)
     queue_call(stack, "send", "this is not a chatq message", {})

@@ -94,20 +94,20 @@ async def create_chat(
         earlier = await store.remember_idempotency(owner, idempotency_key,
                                                    jobs.fingerprint(body), job_id)
         if earlier is not None:
-            return await _replay(store, response, owner, idempotency_key, body, *earlier)
+            return await _replay(store, response, settings, owner, idempotency_key, body, *earlier)
     record = await store.create(job_id, owner, body, settings.llm_model, settings.uses_simulator)
     await _enqueue(request, queue, store, job_id, owner, idempotency_key or "")
     response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
     return {"id": job_id, "status": record["status"], "created_at": _iso(record["created_at"])}
 
 
-async def _replay(store: StoreDep, response: Response, owner: str, key: str,
+async def _replay(store: StoreDep, response: Response, settings: SettingsDep, owner: str, key: str,
                   body: jobs.ChatRequest, earlier_fp: str, earlier_id: str) -> dict[str, Any]:
     if earlier_fp != jobs.fingerprint(body):
         raise api_error(409, "idempotency_conflict",
                         f"Idempotency-Key {key!r} was used with a different request body")
     record = await load_owned(store, earlier_id, owner)
-    response.headers["Location"] = f"/v1/chat/{earlier_id}"
+    response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{earlier_id}"
     response.headers["Idempotent-Replayed"] = "true"
     return {"id": earlier_id, "status": record["status"], "created_at": _iso(record["created_at"])}
 
