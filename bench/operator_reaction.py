@@ -139,7 +139,7 @@ class Bench:
                          query={"fieldManager": "chatq-bench", "force": "true"},
                          content_type="application/apply-patch+yaml")
         wait(lambda: any(c["type"] == "Established" and c["status"] == "True"
-                         for c in self.api.request("GET", crd_path).get("status", {}).get("conditions", [])),
+                         for c in self.api.request("GET", crd_path).get("status", {}).get("conditions") or []),
              "the CRD", 30)
         with contextlib.suppress(kube.KubeError):
             self.api.request("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})

@@ -140,7 +140,7 @@ def crd(kube: Any) -> str:
                     query={"fieldManager": "chatq-k8s-tests", "force": "true"},
                     content_type="application/apply-patch+yaml")
         wait_until(lambda: any(c["type"] == "Established" and c["status"] == "True"
-                               for c in api.request("GET", path).get("status", {}).get("conditions", [])),
+                               for c in api.request("GET", path).get("status", {}).get("conditions") or []),
                    "the QueueScaler CRD to be established", 30)
     finally:
         api.close()
@@ -386,7 +386,7 @@ def test_queue_down_holds_then_falls_back(cluster: Cluster, operator: Operator) 
     fallback = cluster.condition("qs", "Fallback")
     assert (fallback["status"], fallback["reason"]) == ("True", "FallbackReplicas")
     assert "fallbackReplicas 6" in fallback["message"]
-    assert "Fallback" in cluster.events("qs")
+    wait_until(lambda: "Fallback" in cluster.events("qs"), "a Fallback Event", 10)
     assert operator.sample("chatq_operator_source_errors_total", namespace=cluster.ns, name="qs") >= 3
 
 
@@ -422,7 +422,7 @@ def test_missing_deployment_and_two_scalers_on_one_deployment(cluster: Cluster, 
     cluster.scaler("first", scaler_spec("worker", sqs.spec(), maxReplicas=5, messagesPerReplica=5))
     wait_until(lambda: cluster.condition("first", "Ready").get("reason") == "TargetNotFound",
                "TargetNotFound", 15)
-    assert "TargetNotFound" in cluster.events("first")
+    wait_until(lambda: "TargetNotFound" in cluster.events("first"), "a TargetNotFound Event", 10)
     cluster.deployment("worker", 0)
     sqs.send(10)
     wait_until(lambda: cluster.condition("first", "Ready").get("status") == "True",
