@@ -138,9 +138,11 @@ class Bench:
         self.api.request("PATCH", crd_path, yaml.safe_load(CRD.read_text()),
                          query={"fieldManager": "chatq-bench", "force": "true"},
                          content_type="application/apply-patch+yaml")
-        wait(lambda: any(c["type"] == "Established" and c["status"] == "True"
-                         for c in self.api.request("GET", crd_path).get("status", {}).get("conditions") or []),
-             "the CRD", 30)
+        def established() -> bool:
+            conditions = self.api.request("GET", crd_path).get("status", {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+        wait(established, "the CRD", 30)
         with contextlib.suppress(kube.KubeError):
             self.api.request("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})
         labels = {"app": "worker"}
