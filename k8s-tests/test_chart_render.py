@@ -1,0 +1,451 @@
+"""`helm template` of charts/chatq for the defaults and each documented combination of values.
+
+No cluster needed: these assert on the rendered objects, the fields that matter to a
+running chatq (images, env, probes, hardening, selectors, scaling) and to its operators.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from chart import all_env, all_of, configmap_env, container, env, find, kinds, labels, pod_spec
+from conftest import CHART, Tools
+
+REDIS = {"redis": {"url": "redis://redis.example:6379/0"}}
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+
+
+def merged(*parts: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def render_fails(tools: Tools, values: dict[str, Any]) -> str:
+    path = tools.home / "failing-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = tools.helm("template", "chatq", CHART, "-f", path, check=False)
+    assert result.returncode != 0, f"expected helm template to fail; it rendered:\n{result.stdout[:2000]}"
+    return result.stderr
+
+
+# --- the defaults (plus the one value they need) -------------------------------------------
+
+
+def test_defaults_render_the_expected_objects(tools: Tools) -> None:
+    objs = tools.template(values=REDIS)
+    assert kinds(objs) == sorted([
+        "ConfigMap/chatq", "Secret/chatq", "ServiceAccount/chatq", "ServiceAccount/chatq-operator",
+        "Deployment/chatq-api", "Service/chatq-api", "PodDisruptionBudget/chatq-api",
+        "Deployment/chatq-worker", "Service/chatq-worker-metrics", "PodDisruptionBudget/chatq-worker",
+        "QueueScaler/chatq-worker",
+        "Deployment/chatq-operator", "Role/chatq-operator", "RoleBinding/chatq-operator",
+        "Pod/chatq-test-ask",
+    ])
+
+
+def test_every_object_has_the_standard_labels(tools: Tools) -> None:
+    for obj in tools.template(values=REDIS, release="prod"):
+        got = labels(obj)
+        assert got["app.kubernetes.io/name"] == "chatq", obj["metadata"]["name"]
+        assert got["app.kubernetes.io/instance"] == "prod"
+        assert got["app.kubernetes.io/version"] == APP_VERSION
+        assert got["app.kubernetes.io/managed-by"] == "Helm"
+        assert got["helm.sh/chart"] == f"chatq-{yaml.safe_load((CHART / 'Chart.yaml').read_text())['version']}"
+
+
+def test_selectors_match_their_pods_and_services(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"dev": {"enabled": False}}))
+    for deployment in all_of(objs, "Deployment"):
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items(), deployment["metadata"]["name"]
+        assert set(selector) == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
+                                 "app.kubernetes.io/component"}
+    api = find(objs, "Deployment", "chatq-api")
+    assert find(objs, "Service", "chatq-api")["spec"]["selector"] == api["spec"]["selector"]["matchLabels"]
+    worker = find(objs, "Deployment", "chatq-worker")
+    assert (find(objs, "Service", "chatq-worker-metrics")["spec"]["selector"]
+            == worker["spec"]["selector"]["matchLabels"])
+    for pdb, target in (("chatq-api", api), ("chatq-worker", worker)):
+        assert (find(objs, "PodDisruptionBudget", pdb)["spec"]["selector"]["matchLabels"]
+                == target["spec"]["selector"]["matchLabels"])
+
+
+def test_images_default_to_the_app_version_and_the_operator_runs_the_worker_image(tools: Tools) -> None:
+    objs = tools.template(values=REDIS)
+    assert container(find(objs, "Deployment", "chatq-api"))["image"] == f"chatq-api:{APP_VERSION}"
+    assert container(find(objs, "Deployment", "chatq-worker"))["image"] == f"chatq-worker:{APP_VERSION}"
+    operator = container(find(objs, "Deployment", "chatq-operator"))
+    assert operator["image"] == f"chatq-worker:{APP_VERSION}"
+    assert operator["command"] == ["python", "-m", "chatq_operator"]
+    assert container(find(objs, "Deployment", "chatq-api"))["args"] == ["api"]
+    assert container(find(objs, "Deployment", "chatq-worker"))["args"] == ["worker"]
+
+
+def test_registry_and_tags(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"image": {
+        "registry": "registry.example/acme/", "api": {"tag": "1.2.3"}, "worker": {"tag": "1.2.4"}}}))
+    assert container(find(objs, "Deployment", "chatq-api"))["image"] == "registry.example/acme/chatq-api:1.2.3"
+    assert (container(find(objs, "Deployment", "chatq-worker"))["image"]
+            == "registry.example/acme/chatq-worker:1.2.4")
+
+
+def test_latest_is_refused(tools: Tools) -> None:
+    assert "latest" in render_fails(tools, merged(REDIS, {"image": {"api": {"tag": "latest"}}}))
+
+
+def test_hardening_of_every_chatq_pod(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"dev": {"enabled": True}}))
+    for obj in [*all_of(objs, "Deployment"), *all_of(objs, "Pod")]:
+        name = obj["metadata"]["name"]
+        spec = pod_spec(obj)
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert c["resources"]["requests"]["memory"], name
+            assert c["resources"]["limits"]["memory"], name
+            assert not c["image"].endswith(":latest"), name
+        if labels(obj)["app.kubernetes.io/component"] == "operator":
+            assert spec.get("automountServiceAccountToken", True) is True, "the operator talks to the API server"
+        else:
+            assert spec["automountServiceAccountToken"] is False, f"{name} needs no Kubernetes API token"
+
+
+def test_api_and_worker_probes(tools: Tools) -> None:
+    objs = tools.template(values=REDIS)
+    api = container(find(objs, "Deployment", "chatq-api"))
+    assert api["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    worker = container(find(objs, "Deployment", "chatq-worker"))
+    assert worker["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    operator = container(find(objs, "Deployment", "chatq-operator"))
+    assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert env(find(objs, "Deployment", "chatq-operator"))["CHATQ_OPERATOR_LIVENESS"].endswith(":8081/healthz")
+
+
+def test_worker_outlives_its_grace_and_knows_its_pod_name(tools: Tools) -> None:
+    objs = tools.template(values=REDIS)
+    worker = find(objs, "Deployment", "chatq-worker")
+    grace = float(all_env(objs, worker)["CHATQ_WORKER_GRACE_SECONDS"])
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] > grace >= 120
+    assert env(worker)["CHATQ_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env(worker)["CHATQ_TELEMETRY_METRICS_PORT"] == "9100"
+    stderr = render_fails(tools, merged(REDIS, {"worker": {"graceSeconds": 200,
+                                                           "terminationGracePeriodSeconds": 150}}))
+    assert "terminationGracePeriodSeconds must be longer" in stderr
+
+
+def test_queuescaler_owns_worker_replicas(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"config": {"worker": {"concurrency": 8}},
+                                                "worker": {"queueScaler": {"minReplicas": 0, "maxReplicas": 7}}}))
+    worker = find(objs, "Deployment", "chatq-worker")
+    assert "replicas" not in worker["spec"], "the operator, not helm upgrade, sets worker replicas"
+    qs = find(objs, "QueueScaler", "chatq-worker")
+    assert qs["apiVersion"] == "chatq.io/v1alpha1"
+    assert qs["spec"]["targetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatq-worker"}
+    assert qs["spec"]["queue"] == {"redis": {"url": "redis://redis.example:6379/0", "stream": "chatq-jobs",
+                                             "group": "chatq-workers"}}
+    assert (qs["spec"]["minReplicas"], qs["spec"]["maxReplicas"]) == (0, 7)
+    assert qs["spec"]["messagesPerReplica"] == 8 == int(configmap_env(objs, worker)["CHATQ_WORKER_CONCURRENCY"])
+    assert "fallbackReplicas" not in qs["spec"]
+
+    fixed = tools.template(values=merged(REDIS, {"worker": {"replicaCount": 3, "queueScaler": {"enabled": False}}}))
+    assert find(fixed, "Deployment", "chatq-worker")["spec"]["replicas"] == 3
+    assert not all_of(fixed, "QueueScaler")
+
+
+def test_operator_off(tools: Tools) -> None:
+    stderr = render_fails(tools, merged(REDIS, {"operator": {"enabled": False}}))
+    assert "queueScaler.enabled needs operator.enabled" in stderr
+    objs = tools.template(values=merged(REDIS, {"operator": {"enabled": False},
+                                                "worker": {"queueScaler": {"enabled": False}}}))
+    assert not [o for o in objs if labels(o).get("app.kubernetes.io/component") == "operator"]
+    assert not all_of(objs, "Role")
+
+
+def test_operator_rbac_is_namespaced_and_least_privilege(tools: Tools) -> None:
+    objs = tools.template(values=REDIS, namespace="team-a")
+    role = find(objs, "Role", "chatq-operator")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("chatq.io",), ("queuescalers",)): {"get", "list", "watch", "patch"},
+        (("chatq.io",), ("queuescalers/status",)): {"get", "patch"},
+        (("apps",), ("deployments", "deployments/scale")): {"get", "patch", "update"},
+        (("",), ("pods",)): {"list", "patch"},
+        (("", "events.k8s.io"), ("events",)): {"create"},
+    }
+    binding = find(objs, "RoleBinding", "chatq-operator")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chatq-operator", "namespace": "team-a"}]
+    assert not all_of(objs, "ClusterRole") and not all_of(objs, "ClusterRoleBinding")
+    operator = find(objs, "Deployment", "chatq-operator")
+    assert pod_spec(operator)["serviceAccountName"] == "chatq-operator"
+    assert env(operator)["CHATQ_OPERATOR_NAMESPACES"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+
+
+# --- dev clusters ----------------------------------------------------------------------------
+
+
+def test_dev_with_redis(tools: Tools) -> None:
+    objs = tools.template(values={"dev": {"enabled": True}})
+    assert find(objs, "Deployment", "chatq-redis") and find(objs, "Service", "chatq-redis")
+    assert not [o for o in objs if "elasticmq" in o["metadata"]["name"]]
+    worker = find(objs, "Deployment", "chatq-worker")
+    cfg = all_env(objs, worker)
+    assert cfg["CHATQ_REDIS_URL"] == "redis://chatq-redis:6379/0"
+    assert cfg["CHATQ_QUEUE_BACKEND"] == "redis"
+    assert cfg["CHATQ_LLMSIM_HOST"] == "chatq-llmsim" and cfg["CHATQ_LLMSIM_PORT"] == "8100"
+    llmsim = find(objs, "Deployment", "chatq-llmsim")
+    assert container(llmsim)["image"] == f"chatq-api:{APP_VERSION}"
+    assert container(llmsim)["args"] == ["llmsim"]
+    assert env(llmsim)["CHATQ_LLMSIM_HOST"] == "0.0.0.0"
+    redis = container(find(objs, "Deployment", "chatq-redis"))
+    assert redis["image"] == "redis:7.4.2-alpine"
+    assert find(objs, "Service", "chatq-llmsim")["spec"]["ports"][0]["port"] == 8100
+
+
+def test_dev_with_sqs_runs_elasticmq(tools: Tools) -> None:
+    objs = tools.template(values={"dev": {"enabled": True}, "queue": {"backend": "sqs"}})
+    mq = find(objs, "Deployment", "chatq-elasticmq")
+    assert container(mq)["image"].startswith("softwaremill/elasticmq-native:")
+    conf = find(objs, "ConfigMap", "chatq-elasticmq")["data"]["elasticmq.conf"]
+    assert 'host = "chatq-elasticmq"' in conf and "bind-port = 9324" in conf
+    worker = find(objs, "Deployment", "chatq-worker")
+    cfg = all_env(objs, worker)
+    assert cfg["CHATQ_QUEUE_BACKEND"] == "sqs"
+    assert cfg["CHATQ_QUEUE_ENDPOINT"] == "http://chatq-elasticmq:9324"
+    assert cfg["AWS_ACCESS_KEY_ID"] and cfg["AWS_SECRET_ACCESS_KEY"]
+    assert "CHATQ_QUEUE_GROUP" not in cfg
+    qs = find(objs, "QueueScaler", "chatq-worker")
+    assert qs["spec"]["queue"] == {"sqs": {"name": "chatq-jobs", "region": "us-east-1",
+                                           "endpoint": "http://chatq-elasticmq:9324"}}
+
+
+def test_sqs_in_production_with_irsa(tools: Tools) -> None:
+    url = "https://sqs.eu-west-1.amazonaws.com/123456789012/chatq-jobs"
+    role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/chatq"}
+    objs = tools.template(values=merged(REDIS, {
+        "queue": {"backend": "sqs", "sqs": {"url": url, "region": "eu-west-1"}},
+        "serviceAccount": {"annotations": role},
+        "operator": {"serviceAccount": {"annotations": role}},
+    }))
+    assert find(objs, "ServiceAccount", "chatq")["metadata"]["annotations"] == role
+    assert find(objs, "ServiceAccount", "chatq-operator")["metadata"]["annotations"] == role
+    worker = find(objs, "Deployment", "chatq-worker")
+    cfg = all_env(objs, worker)
+    assert (cfg["CHATQ_QUEUE_URL"], cfg["CHATQ_QUEUE_REGION"]) == (url, "eu-west-1")
+    assert cfg["CHATQ_QUEUE_ENDPOINT"] == ""
+    assert "AWS_ACCESS_KEY_ID" not in cfg, "IRSA provides the credentials"
+    assert pod_spec(worker)["serviceAccountName"] == "chatq"
+    assert find(objs, "QueueScaler", "chatq-worker")["spec"]["queue"]["sqs"]["url"] == url
+    assert not [o for o in objs if labels(o).get("app.kubernetes.io/component") in {"redis", "elasticmq", "llmsim"}]
+
+
+# --- secrets and settings --------------------------------------------------------------------
+
+
+def test_openai_key_and_api_keys_go_to_the_secret_not_to_the_operator(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"llm": {"apiKey": "sk-test", "model": "gpt-4o-mini"},
+                                                "api": {"keys": ["alpha", "sha256:" + "ab" * 32]}}))
+    secret = find(objs, "Secret", "chatq")["data"]
+    assert base64.b64decode(secret["llm-api-key"]).decode() == "sk-test"
+    assert base64.b64decode(secret["api-keys"]).decode() == "alpha,sha256:" + "ab" * 32
+    for name in ("chatq-api", "chatq-worker"):
+        got = env(find(objs, "Deployment", name))
+        assert got["CHATQ_LLM_API_KEY"] == {"secretKeyRef": {"name": "chatq", "key": "llm-api-key", "optional": True}}
+        assert got["CHATQ_API_KEYS"]["secretKeyRef"]["key"] == "api-keys"
+    operator = env(find(objs, "Deployment", "chatq-operator"))
+    assert "CHATQ_LLM_API_KEY" not in operator and "CHATQ_API_KEYS" not in operator
+    cm = find(objs, "ConfigMap", "chatq")["data"]
+    assert cm["CHATQ_LLM_MODEL"] == "gpt-4o-mini"
+    assert "sk-test" not in json.dumps(cm)
+    deployments = [find(objs, "Deployment", n) for n in ("chatq-api", "chatq-worker")]
+    checksums = {d["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] for d in deployments}
+    assert len(checksums) == 1, "a changed Secret must roll the pods"
+
+
+def test_existing_secrets(tools: Tools) -> None:
+    objs = tools.template(values={"secrets": {"existingSecret": "chatq-keys"}, "redis": {"existingSecret": "redis-auth"}})
+    assert not all_of(objs, "Secret")
+    worker = find(objs, "Deployment", "chatq-worker")
+    got = env(worker)
+    assert got["CHATQ_LLM_API_KEY"]["secretKeyRef"]["name"] == "chatq-keys"
+    assert got["CHATQ_REDIS_URL"] == {"secretKeyRef": {"name": "redis-auth", "key": "redis-url"}}
+    assert "CHATQ_REDIS_URL" not in find(objs, "ConfigMap", "chatq")["data"]
+    assert "url" not in find(objs, "QueueScaler", "chatq-worker")["spec"]["queue"]["redis"]
+
+
+def test_redis_is_required(tools: Tools) -> None:
+    assert "chatq needs Redis" in render_fails(tools, {})
+
+
+def test_config_values_become_settings(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"config": {
+        "log": {"level": "DEBUG", "json_format": False}, "llm": {"timeout_seconds": 30.5},
+        "api": {"max_wait_seconds": 20}}}))
+    cm = find(objs, "ConfigMap", "chatq")["data"]
+    assert cm["CHATQ_LOG_LEVEL"] == "DEBUG"
+    assert cm["CHATQ_LOG_JSON_FORMAT"] == "false"
+    assert cm["CHATQ_LLM_TIMEOUT_SECONDS"] == "30.5"
+    assert cm["CHATQ_API_MAX_WAIT_SECONDS"] == "20"
+
+
+@pytest.mark.parametrize("config", [
+    {"nonsense": {"x": 1}},
+    {"worker": {"no_such_field": 1}},
+    {"queue": {"backend": "sqs"}},  # queue.* has its own values
+    {"worker": {"concurrency": 0}},  # settings' own bounds
+    {"log": {"json_format": "maybe"}},
+])
+def test_schema_rejects_unknown_or_managed_settings(tools: Tools, config: dict[str, Any]) -> None:
+    assert "values don't meet the specifications of the schema" in render_fails(tools, merged(REDIS, {"config": config}))
+
+
+def test_schema_rejects_unknown_values(tools: Tools) -> None:
+    assert "additional properties" in render_fails(tools, merged(REDIS, {"api": {"replicas": 3}})).lower()
+
+
+# --- traffic ---------------------------------------------------------------------------------
+
+
+def test_ingress_for_long_polls_and_sse(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"api": {"ingress": {
+        "enabled": True, "annotations": {"cert-manager.io/cluster-issuer": "letsencrypt",
+                                         "nginx.ingress.kubernetes.io/proxy-body-size": "1m"},
+        "hosts": [{"host": "chat.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+        "tls": [{"secretName": "chat-tls", "hosts": ["chat.example.com"]}]}}}))
+    ingress = find(objs, "Ingress", "chatq-api")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert notes["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "1m", "the user's annotation wins"
+    assert notes["cert-manager.io/cluster-issuer"] == "letsencrypt"
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "chat.example.com"
+    assert rule["http"]["paths"][0]["backend"] == {"service": {"name": "chatq-api", "port": {"name": "http"}}}
+    assert ingress["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}]
+
+    other = tools.template(values=merged(REDIS, {"api": {"ingress": {"enabled": True, "className": "traefik",
+                                                                     "nginxAnnotations": False}}}))
+    ingress = find(other, "Ingress", "chatq-api")
+    assert ingress["spec"]["ingressClassName"] == "traefik"
+    assert "annotations" not in ingress["metadata"]
+
+
+def test_gateway_api_httproute(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"api": {"httpRoute": {
+        "enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}],
+        "hostnames": ["chat.example.com"], "requestTimeout": "3600s"}}}))
+    route = find(objs, "HTTPRoute", "chatq-api")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
+    assert route["spec"]["hostnames"] == ["chat.example.com"]
+    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": "chatq-api", "port": 8000}]
+    assert route["spec"]["rules"][0]["timeouts"] == {"request": "3600s"}
+    assert "parentRefs" in render_fails(tools, merged(REDIS, {"api": {"httpRoute": {"enabled": True}}}))
+
+
+def test_api_hpa_takes_over_replicas(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"api": {"autoscaling": {"enabled": True, "maxReplicas": 6}}}))
+    hpa = find(objs, "HorizontalPodAutoscaler", "chatq-api")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatq-api"}
+    assert hpa["spec"]["maxReplicas"] == 6
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in find(objs, "Deployment", "chatq-api")["spec"]
+
+
+def test_topology_spread(tools: Tools) -> None:
+    objs = tools.template(values=REDIS)
+    spread = pod_spec(find(objs, "Deployment", "chatq-api"))["topologySpreadConstraints"]
+    assert [s["topologyKey"] for s in spread] == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+    assert all(s["whenUnsatisfiable"] == "ScheduleAnyway" for s in spread)
+    assert spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+    assert "topologySpreadConstraints" not in pod_spec(find(objs, "Deployment", "chatq-operator"))
+    off = tools.template(values=merged(REDIS, {"topologySpread": {"enabled": False}}))
+    assert "topologySpreadConstraints" not in pod_spec(find(off, "Deployment", "chatq-worker"))
+
+
+def test_network_policies(tools: Tools) -> None:
+    objs = tools.template(values={"dev": {"enabled": True}, "networkPolicy": {
+        "enabled": True, "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}})
+    names = sorted(p["metadata"]["name"] for p in all_of(objs, "NetworkPolicy"))
+    assert names == ["chatq-api", "chatq-llmsim", "chatq-operator", "chatq-redis", "chatq-worker"]
+    worker = find(objs, "NetworkPolicy", "chatq-worker")["spec"]["ingress"]
+    assert worker == [{"ports": [{"port": "metrics", "protocol": "TCP"}],
+                       "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}]
+    redis = find(objs, "NetworkPolicy", "chatq-redis")["spec"]["ingress"][0]["from"][0]
+    assert redis["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "chatq",
+                                                   "app.kubernetes.io/part-of": "chatq"}
+
+
+# --- observability ---------------------------------------------------------------------------
+
+
+def test_service_and_pod_monitors_and_dashboard(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "dashboard": {"enabled": True}}}))
+    monitors = {m["metadata"]["name"]: m for m in all_of(objs, "ServiceMonitor")}
+    assert set(monitors) == {"chatq-api", "chatq-worker"}
+    assert monitors["chatq-worker"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitors["chatq-api"]["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "30s"}
+    assert all(labels(m)["release"] == "kube-prometheus-stack" for m in monitors.values())
+    board = find(objs, "ConfigMap", "chatq-dashboard")
+    assert labels(board)["grafana_dashboard"] == "1"
+    dashboard = json.loads(board["data"]["chatq.json"])
+    panels = [*dashboard["panels"], *(q for p in dashboard["panels"] for q in p.get("panels", []))]
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for metric in ("chatq_http_requests_total", "chatq_worker_in_flight", "chatq_queue_wait_seconds_bucket"):
+        assert metric in exprs
+
+    pods = tools.template(values=merged(REDIS, {"metrics": {"serviceMonitor": {"enabled": True},
+                                                            "podMonitor": {"enabled": True}}}))
+    assert [m["metadata"]["name"] for m in all_of(pods, "ServiceMonitor")] == ["chatq-api"]
+    podmonitor = find(pods, "PodMonitor", "chatq-worker")
+    assert podmonitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_otel_environment(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"otel": {"enabled": True, "endpoint": "http://tempo:4317",
+                                                         "resourceAttributes": {"deployment.environment": "prod"}}}))
+    for name, service in (("chatq-api", "chatq-api"), ("chatq-worker", "chatq-worker")):
+        got = env(find(objs, "Deployment", name))
+        assert got["OTEL_SERVICE_NAME"] == service
+        assert got["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4317"
+        assert "deployment.environment=prod" in got["OTEL_RESOURCE_ATTRIBUTES"]
+    assert "OTEL_SERVICE_NAME" not in env(find(tools.template(values=REDIS), "Deployment", "chatq-api"))
+
+
+# --- helm test -------------------------------------------------------------------------------
+
+
+def test_helm_test_pod_asks_through_the_api_service(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"tests": {"apiKeySecret": {"name": "k", "key": "plain"}}}))
+    pod = find(objs, "Pod", "chatq-test-ask")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    ask = container(pod)
+    assert ask["image"] == f"chatq-api:{APP_VERSION}"
+    assert ask["args"][0] == "ask" and "--no-stream" in ask["args"]
+    assert ask["args"][ask["args"].index("--url") + 1] == "http://chatq-api:8000"
+    assert env(pod)["CHATQ_API_KEY"] == {"secretKeyRef": {"name": "k", "key": "plain"}}
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert not all_of(tools.template(values=merged(REDIS, {"tests": {"enabled": False}})), "Pod")
