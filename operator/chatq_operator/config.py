@@ -36,8 +36,13 @@ class ScalerConfig:
     """Where the workers' `chatq:busy:<pod>` keys live; empty: busy counts are not read."""
 
 
-def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "") -> ScalerConfig:
-    """The config of one spec; raises InvalidSpec."""
+def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "",
+          default_redis_url: str = "") -> ScalerConfig:
+    """The config of one spec; raises InvalidSpec.
+
+    `default_redis_url` (the operator's CHATQ_REDIS_URL) stands in for a redis queue's url
+    left out of the spec, so a password can stay in the operator's Secret.
+    """
     target_ref = spec.get("targetRef") or {}
     target = str(target_ref.get("name") or "")
     if not target:
@@ -45,7 +50,7 @@ def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "") -> ScalerCo
     if target_ref.get("kind", "Deployment") != "Deployment":
         raise InvalidSpec(f"spec.targetRef.kind {target_ref.get('kind')!r} is not supported "
                           "(Deployment only)")
-    queue, busy_url = _queue(spec.get("queue") or {})
+    queue, busy_url = _queue(spec.get("queue") or {}, default_redis_url)
     try:
         fallback = spec.get("fallbackReplicas")
         rules = decision.Spec(
@@ -72,7 +77,7 @@ def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "") -> ScalerCo
     return ScalerConfig(target, queue, rules, max(MIN_POLL_SECONDS, poll), busy)
 
 
-def _queue(queue: Mapping[str, Any]) -> tuple[sources.QueueRef, str]:
+def _queue(queue: Mapping[str, Any], default_redis_url: str) -> tuple[sources.QueueRef, str]:
     """The queue reference, and the Redis URL it implies for busy counts (redis queues)."""
     sqs: Mapping[str, Any] = queue.get("sqs") or {}
     rds: Mapping[str, Any] = queue.get("redis") or {}
@@ -84,7 +89,7 @@ def _queue(queue: Mapping[str, Any]) -> tuple[sources.QueueRef, str]:
             raise InvalidSpec("spec.queue.sqs needs a url or a name")
         return sources.SqsQueue(url=url, name=name, region=str(sqs.get("region") or "us-east-1"),
                                 endpoint=str(sqs.get("endpoint") or "")), ""
-    ref = sources.RedisQueue(url=str(rds.get("url") or sources.RedisQueue.url),
+    ref = sources.RedisQueue(url=str(rds.get("url") or default_redis_url or sources.RedisQueue.url),
                              stream=str(rds.get("stream") or sources.RedisQueue.stream),
                              group=str(rds.get("group") or sources.RedisQueue.group))
     return ref, ref.url

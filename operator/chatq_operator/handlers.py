@@ -31,6 +31,7 @@ class Runtime:
     api: kube.Kube
     readers: sources.Sources
     default_busy_redis_url: str
+    default_redis_url: str
 
 
 @kopf.on.startup()
@@ -41,8 +42,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.client_timeout = 150
     port = int(os.environ.get("CHATQ_OPERATOR_METRICS_PORT", "8080"))
     telemetry.serve(port, os.environ.get("CHATQ_OPERATOR_METRICS_HOST", "0.0.0.0"))
-    busy_url = os.environ.get("CHATQ_OPERATOR_BUSY_REDIS_URL") or os.environ.get("CHATQ_REDIS_URL", "")
-    memo.runtime = Runtime(kube.Kube.connect(), sources.Sources(), busy_url)
+    redis_url = os.environ.get("CHATQ_REDIS_URL", "")
+    busy_url = os.environ.get("CHATQ_OPERATOR_BUSY_REDIS_URL") or redis_url
+    memo.runtime = Runtime(kube.Kube.connect(), sources.Sources(), busy_url, redis_url)
     log.info("chatq operator started: metrics on port %s", port or "(off)")
 
 
@@ -76,7 +78,8 @@ async def poll(namespace: str | None, name: str, body: kopf.Body, stopped: kopf.
         claims = sorted(index.get((namespace, deployment), []))
         return claims[0][1] if claims else None
 
-    polls = scaler.Scaler(namespace, name, runtime.api, runtime.readers, post, runtime.default_busy_redis_url)
+    polls = scaler.Scaler(namespace, name, runtime.api, runtime.readers, post, runtime.default_busy_redis_url,
+                          runtime.default_redis_url)
     logger.info("polling QueueScaler %s/%s", namespace, name)
     delay = config.DEFAULT_POLL_SECONDS
     try:

@@ -30,11 +30,12 @@ class Scaler:
     """The polls of one QueueScaler and what they remember (the decision's history)."""
 
     def __init__(self, namespace: str, name: str, api: kube.Kube, readers: sources.Sources,
-                 post: EventFn, default_busy_redis_url: str = "",
+                 post: EventFn, default_busy_redis_url: str = "", default_redis_url: str = "",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.namespace, self.name = namespace, name
         self.api, self.readers, self.post = api, readers, post
         self.default_busy_redis_url = default_busy_redis_url
+        self.default_redis_url = default_redis_url
         self.clock = clock
         self.history: decision.History | None = None
         self.target = ""
@@ -44,7 +45,7 @@ class Scaler:
         """One poll; returns the seconds until the next one."""
         started = self.clock()
         try:
-            cfg = config.parse(spec, self.default_busy_redis_url)
+            cfg = config.parse(spec, self.default_busy_redis_url, self.default_redis_url)
         except config.InvalidSpec as exc:
             await self._report(current, {}, [status.Condition("Ready", False, "InvalidSpec", str(exc))])
             return config.DEFAULT_POLL_SECONDS

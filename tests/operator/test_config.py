@@ -33,7 +33,8 @@ def test_defaults_match_the_crd() -> None:
     assert props["pollSeconds"]["default"] == cfg.poll_seconds
     assert "default" not in props["fallbackReplicas"] and rules.fallback_replicas is None
     redis_props = props["queue"]["properties"]["redis"]["properties"]
-    assert cfg.queue == sources.RedisQueue(redis_props["url"]["default"], redis_props["stream"]["default"],
+    assert "default" not in redis_props["url"]  # the operator's CHATQ_REDIS_URL stands in
+    assert cfg.queue == sources.RedisQueue("redis://redis:6379/0", redis_props["stream"]["default"],
                                            redis_props["group"]["default"])
     assert decision.Spec() == rules
 
@@ -51,6 +52,13 @@ def test_full_sqs_spec() -> None:
     assert cfg.queue == sources.SqsQueue("http://mq:9324/000/jobs", "", "eu-west-1", "http://mq:9324")
     assert cfg.rules == decision.Spec(1, 20, 8, 2, False, 30.0, 90.0, 4, 2, 5)
     assert (cfg.poll_seconds, cfg.busy_redis_url) == (2.0, "redis://results:6379/0")
+
+
+def test_redis_queue_url_from_the_operator() -> None:
+    cfg = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {"stream": "s"}}},
+                       default_redis_url="redis://:secret@r:6379/2")
+    assert cfg.queue == sources.RedisQueue("redis://:secret@r:6379/2", "s", "chatq-workers")
+    assert cfg.busy_redis_url == "redis://:secret@r:6379/2"
 
 
 @pytest.mark.parametrize(("queue", "busy"), [
