@@ -78,8 +78,8 @@ async def poll(namespace: str | None, name: str, body: kopf.Body, stopped: kopf.
         claims = sorted(index.get((namespace, deployment), []))
         return claims[0][1] if claims else None
 
-    polls = scaler.Scaler(namespace, name, runtime.api, runtime.readers, post, runtime.default_busy_redis_url,
-                          runtime.default_redis_url)
+    polls = scaler.Scaler(namespace, name, runtime.api, runtime.readers, post,
+                          runtime.default_busy_redis_url, runtime.default_redis_url)
     logger.info("polling QueueScaler %s/%s", namespace, name)
     delay = config.DEFAULT_POLL_SECONDS
     try:
@@ -90,6 +90,8 @@ async def poll(namespace: str | None, name: str, body: kopf.Body, stopped: kopf.
                 delay = await polls.poll(body.spec, body.status, owner_of, generation)
             except kube.KubeError as exc:
                 logger.warning("QueueScaler %s/%s: the Kubernetes API failed: %s", namespace, name, exc)
+            except Exception:  # a bug must not stop the scaling of this queue: log it, poll again
+                logger.exception("QueueScaler %s/%s: the poll failed", namespace, name)
             await stopped.wait(delay)
     finally:
         telemetry.forget(namespace, name)
