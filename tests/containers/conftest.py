@@ -105,6 +105,10 @@ def compose_env(**extra: str) -> dict[str, str]:
     """This environment minus chatq's own variables (so none leak into the stack), plus extra."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATQ_", "OTEL_"))}
     env.update(CHATQ_IMAGE_TAG=IMAGE_TAG, CHATQ_BASE_IMAGE=BASE_IMAGE, **extra)
+    # docker-compose v1 builds through the docker CLI, not through its own Python client, which
+    # walks the whole tree (.venv included) to apply .dockerignore: 2 minutes instead of 2 s.
+    # The classic builder, since Debian's engine comes without buildx.
+    env.update(COMPOSE_DOCKER_CLI_BUILD="1", DOCKER_BUILDKIT="0")
     return env
 
 
