@@ -31,9 +31,9 @@ def test_helm_lint_strict(tools: Tools, values: str) -> None:
 
 
 def test_helm_lint_explains_a_missing_redis(tools: Tools) -> None:
+    # helm lint reports a template's `fail` (here: no Redis given) as information, not an error.
     result = tools.helm("lint", CHART, check=False)
-    assert result.returncode != 0
-    assert "chatq needs Redis" in result.stdout + result.stderr
+    assert "chatq needs Redis: set redis.url" in result.stdout + result.stderr
 
 
 def test_ct_lint(tools: Tools, tmp_path: Path) -> None:
