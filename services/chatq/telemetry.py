@@ -195,6 +195,9 @@ def _exporter() -> Any:
                         "point the endpoint at the collector's OTLP/HTTP port (4318)")
         else:
             return OTLPSpanExporter()
+    if protocol not in ("grpc", "http/protobuf"):
+        log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported by the Python SDK; "
+                    "using http/protobuf", protocol)
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     return HttpExporter()
