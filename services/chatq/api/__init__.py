@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -136,12 +135,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = results.Store.from_settings(settings.redis)
     queue = open_queue(settings)
     waiter = results.DoneWaiter(store.redis)
+    # The health routes read these one by one; the chat routes get all in one Services.
     app.state.store, app.state.queue, app.state.waiter = store, queue, waiter
-    app.state.queue_ready = False
-    app.state.queue_setup_lock = asyncio.Lock()
+    app.state.services = services = deps.Services(settings, store, queue, waiter)
     try:
-        await queue.setup()
-        app.state.queue_ready = True
+        await services.ensure_queue()
     except errors.ChatqError as exc:
         log.warning("the %s queue is not ready yet (%s); retrying on the first request",
                     queue.backend, exc)

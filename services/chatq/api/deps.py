@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -38,6 +40,32 @@ def api_error(status: int, code: str, message: str, headers: dict[str, str] | No
               ) -> HTTPException:
     """An HTTPException that the app renders as {"error": {"code", "message"}}."""
     return HTTPException(status, detail={"code": code, "message": message}, headers=headers)
+
+
+@dataclass
+class Services:
+    """What the routes work with, built once by the app's lifespan (one dependency, since
+    each dependency costs every request)."""
+
+    settings: settings_mod.Settings
+    store: results.Store
+    queue: Queue
+    waiter: results.DoneWaiter
+    queue_ready: bool = False
+    _setup_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def ensure_queue(self) -> None:
+        """Create or check the queue once; a failure is retried by the next request."""
+        if not self.queue_ready:
+            async with self._setup_lock:
+                if not self.queue_ready:
+                    await self.queue.setup()
+                    self.queue_ready = True
+
+
+async def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
 
 
 async def get_settings(request: Request) -> settings_mod.Settings:
@@ -80,6 +108,7 @@ async def get_owner(request: Request, credentials: Annotated[HTTPAuthorizationCr
     return digest[:32]
 
 
+ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[settings_mod.Settings, Depends(get_settings)]
 StoreDep = Annotated[results.Store, Depends(get_store)]
 QueueDep = Annotated[Queue, Depends(get_queue)]

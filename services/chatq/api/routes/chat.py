@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from chatq import errors, jobs, metrics, telemetry
-from chatq.api.deps import OwnerDep, QueueDep, SettingsDep, StoreDep, WaiterDep, api_error
+from chatq import errors, jobs, metrics, results, telemetry
+from chatq.api.deps import OwnerDep, Services, ServicesDep, api_error
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 aliases = APIRouter(tags=["seed aliases"])
@@ -74,7 +74,7 @@ def public_job(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def load_owned(store: StoreDep, job_id: str, owner: str) -> dict[str, Any]:
+async def load_owned(store: results.Store, job_id: str, owner: str) -> dict[str, Any]:
     """The record, or 404 when unknown, expired or another key's (no existence leak)."""
     record = await store.get(job_id) if re.fullmatch(r"[0-9a-f]{1,64}", job_id) else None
     if record is None or record.get("owner") != owner:
@@ -85,48 +85,44 @@ async def load_owned(store: StoreDep, job_id: str, owner: str) -> dict[str, Any]
 @router.post("", status_code=202, response_model=JobCreated, summary="Ask a question",
              responses={409: {"description": "Idempotency-Key reused with another body"}})
 async def create_chat(
-    body: jobs.ChatRequest, request: Request, response: Response, owner: OwnerDep,
-    store: StoreDep, queue: QueueDep, settings: SettingsDep,
+    body: jobs.ChatRequest, response: Response, owner: OwnerDep, svc: ServicesDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
 ) -> dict[str, Any]:
     job_id = jobs.new_job_id()
+    settings = svc.settings
     if idempotency_key is not None:
-        earlier = await store.remember_idempotency(owner, idempotency_key,
-                                                   jobs.fingerprint(body), job_id)
+        earlier = await svc.store.remember_idempotency(owner, idempotency_key,
+                                                       jobs.fingerprint(body), job_id)
         if earlier is not None:
-            return await _replay(store, response, settings, owner, idempotency_key, body, *earlier)
-    record = await store.create(job_id, owner, body, settings.llm_model, settings.uses_simulator)
-    await _enqueue(request, queue, store, job_id, owner, idempotency_key or "")
+            return await _replay(svc, response, owner, idempotency_key, body, *earlier)
+    record = await svc.store.create(job_id, owner, body, settings.llm_model,
+                                    settings.uses_simulator)
+    await _enqueue(svc, job_id, owner, idempotency_key or "")
     response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
     return {"id": job_id, "status": record["status"], "created_at": _iso(record["created_at"])}
 
 
-async def _replay(store: StoreDep, response: Response, settings: SettingsDep, owner: str, key: str,
+async def _replay(svc: Services, response: Response, owner: str, key: str,
                   body: jobs.ChatRequest, earlier_fp: str, earlier_id: str) -> dict[str, Any]:
     if earlier_fp != jobs.fingerprint(body):
         raise api_error(409, "idempotency_conflict",
                         f"Idempotency-Key {key!r} was used with a different request body")
-    record = await load_owned(store, earlier_id, owner)
-    response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{earlier_id}"
+    record = await load_owned(svc.store, earlier_id, owner)
+    response.headers["Location"] = f"{svc.settings.api.public_url}/v1/chat/{earlier_id}"
     response.headers["Idempotent-Replayed"] = "true"
     return {"id": earlier_id, "status": record["status"], "created_at": _iso(record["created_at"])}
 
 
-async def _enqueue(request: Request, queue: QueueDep, store: StoreDep, job_id: str, owner: str,
-                   idem_key: str) -> None:
-    state = request.app.state
+async def _enqueue(svc: Services, job_id: str, owner: str, idem_key: str) -> None:
+    queue = svc.queue
     try:
-        if not state.queue_ready:
-            async with state.queue_setup_lock:
-                if not state.queue_ready:
-                    await queue.setup()
-                    state.queue_ready = True
+        await svc.ensure_queue()
         with telemetry.producer_span(queue.backend, queue.name, job_id) as carrier:
             await queue.send(jobs.encode_message(job_id), carrier)
     except errors.ChatqError as exc:
         # Nothing will ever run this job: take the record back so no one waits on it.
         try:
-            await store.forget(job_id, owner, idem_key)
+            await svc.store.forget(job_id, owner, idem_key)
         except errors.ChatqError:
             pass
         raise api_error(503, "queue_unavailable",
@@ -136,21 +132,21 @@ async def _enqueue(request: Request, queue: QueueDep, store: StoreDep, job_id: s
 
 @router.get("/{job_id}", response_model=Job, summary="The job, optionally long-polled")
 async def get_chat(
-    job_id: JobId, owner: OwnerDep, store: StoreDep, waiter: WaiterDep, settings: SettingsDep,
+    job_id: JobId, owner: OwnerDep, svc: ServicesDep,
     wait: Annotated[float, Query(ge=0, le=3600, description=(
         "Seconds to wait for the job to finish (bounded by CHATQ_API_MAX_WAIT_SECONDS)."))] = 0,
 ) -> dict[str, Any]:
-    record = await load_owned(store, job_id, owner)
-    wait = min(wait, settings.api.max_wait_seconds)
+    record = await load_owned(svc.store, job_id, owner)
+    wait = min(wait, svc.settings.api.max_wait_seconds)
     if wait > 0 and not jobs.Status(record["status"]).terminal:
-        record = await _wait_terminal(store, waiter, job_id, record, wait)
+        record = await _wait_terminal(svc, job_id, record, wait)
     return public_job(record)
 
 
-async def _wait_terminal(store: StoreDep, waiter: WaiterDep, job_id: str,
-                         record: dict[str, Any], wait: float) -> dict[str, Any]:
+async def _wait_terminal(svc: Services, job_id: str, record: dict[str, Any],
+                         wait: float) -> dict[str, Any]:
     deadline = time.monotonic() + wait
-    async with waiter.watch(job_id) as done:
+    async with svc.waiter.watch(job_id) as done:
         while not jobs.Status(record["status"]).terminal:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -159,7 +155,7 @@ async def _wait_terminal(store: StoreDep, waiter: WaiterDep, job_id: str,
                 await asyncio.wait_for(asyncio.shield(done), min(left, WAIT_RECHECK_SECONDS))
             except TimeoutError:
                 pass
-            record = await store.get(job_id) or record
+            record = await svc.store.get(job_id) or record
     return record
 
 
@@ -167,18 +163,18 @@ async def _wait_terminal(store: StoreDep, waiter: WaiterDep, job_id: str,
             response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
 async def chat_events(
-    job_id: JobId, owner: OwnerDep, store: StoreDep,
+    job_id: JobId, owner: OwnerDep, svc: ServicesDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    await load_owned(store, job_id, owner)
+    await load_owned(svc.store, job_id, owner)
     if last_event_id is not None and not _EVENT_ID.match(last_event_id):
         raise api_error(400, "bad_last_event_id", "Last-Event-ID must be an id this stream sent")
-    return StreamingResponse(_event_stream(store, job_id, last_event_id or "0-0"),
+    return StreamingResponse(_event_stream(svc.store, job_id, last_event_id or "0-0"),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _event_stream(store: StoreDep, job_id: str, after: str) -> AsyncIterator[bytes]:
+async def _event_stream(store: results.Store, job_id: str, after: str) -> AsyncIterator[bytes]:
     yield b"retry: 1000\n\n"
     block = 0
     while True:
@@ -203,7 +199,8 @@ async def _event_stream(store: StoreDep, job_id: str, after: str) -> AsyncIterat
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")
-async def cancel_chat(job_id: JobId, owner: OwnerDep, store: StoreDep) -> dict[str, Any]:
+async def cancel_chat(job_id: JobId, owner: OwnerDep, svc: ServicesDep) -> dict[str, Any]:
+    store = svc.store
     await load_owned(store, job_id, owner)
     state = await store.cancel(job_id)
     if state == "missing":
