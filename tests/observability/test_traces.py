@@ -89,8 +89,9 @@ def job_log_line(logs: str, job_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("backend", ["redis", "sqs"])
-def test_one_trace_from_request_to_result(backend: str, stack_factory: StackFactory,
-                                          jaeger: Jaeger) -> None:
+def test_one_trace_from_request_to_result(backend: str, jaeger: Jaeger,
+                                          stack_factory: StackFactory) -> None:
+    # jaeger comes first: it is stopped after the api and worker have flushed their spans.
     if backend == "sqs":
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_grpc, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     else:
