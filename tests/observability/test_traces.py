@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import StackFactory
+from tests.conftest import Stack, StackFactory
 from tests.observability.conftest import Jaeger
 
 QUESTION = "which colour is the sky over the trace store"
@@ -88,17 +88,16 @@ def job_log_line(logs: str, job_id: str) -> dict[str, Any]:
     raise AssertionError(f"no JSON log line for job {job_id} in:\n{logs[-3000:]}")
 
 
-@pytest.mark.parametrize("backend", ["redis", "sqs"])
-def test_one_trace_from_request_to_result(backend: str, jaeger: Jaeger,
-                                          stack_factory: StackFactory) -> None:
-    # jaeger comes first: it is stopped after the api and worker have flushed their spans.
+def traced_job(backend: str, jaeger: Jaeger, stack_factory: StackFactory,
+               **env: str) -> tuple[Stack, dict[str, Any], str, list[dict[str, Any]]]:
+    """Run one job on a traced stack; return the stack, the job, its trace id and spans."""
     if backend == "sqs":
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_grpc, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     else:
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": jaeger.otlp_http,
                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     stack = stack_factory(backend, workers=1, CHATQ_LOG_JSON_FORMAT="true",
-                          OTEL_BSP_SCHEDULE_DELAY="100", **otel)
+                          OTEL_BSP_SCHEDULE_DELAY="100", **otel, **env)
     queue = stack.env["CHATQ_QUEUE_NAME"]
     with stack.client() as http:
         job_id = http.post("/v1/chat", json={"message": QUESTION}).json()["id"]
@@ -132,6 +131,16 @@ def test_one_trace_from_request_to_result(backend: str, jaeger: Jaeger,
     assert spans, f"trace {trace_id} never reached jaeger:\n{jaeger.server.logs()[-2000:]}"
     assert {s["trace_id"] for s in spans} == {trace_id}
 
+    return stack, job, trace_id, spans
+
+
+@pytest.mark.parametrize("backend", ["redis", "sqs"])
+def test_one_trace_from_request_to_result(backend: str, jaeger: Jaeger,
+                                          stack_factory: StackFactory) -> None:
+    # jaeger comes first: it is stopped after the api and worker have flushed their spans.
+    stack, job, trace_id, spans = traced_job(backend, jaeger, stack_factory)
+    job_id = job["id"]
+    queue = stack.env["CHATQ_QUEUE_NAME"]
     request = one(spans, "the api request", name="POST /v1/chat", kind="SERVER", service="chatq-api")
     send = one(spans, "the enqueue", name=f"send {queue}", kind="PRODUCER", service="chatq-api")
     process = one(spans, "the worker's receive", name=f"process {queue}", kind="CONSUMER",
@@ -193,3 +202,10 @@ def test_one_trace_from_request_to_result(backend: str, jaeger: Jaeger,
     # The api logged in JSON as well, with trace ids when in a span.
     api_lines = [json.loads(x) for x in stack.api.logs().splitlines() if x.startswith("{")]
     assert api_lines and all("ts" in x and "level" in x for x in api_lines)
+
+
+def test_capture_content_setting_puts_the_prompt_in_the_model_span(
+        jaeger: Jaeger, stack_factory: StackFactory) -> None:
+    _, _, _, spans = traced_job("redis", jaeger, stack_factory, CHATQ_TELEMETRY_CAPTURE_CONTENT="true")
+    model = next(s for s in spans if s["name"].startswith("chat "))
+    assert QUESTION in json.dumps(model["attributes"]), model["attributes"]
