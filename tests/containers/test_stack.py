@@ -80,6 +80,30 @@ def test_both_api_replicas_served_requests(stack: Stack) -> None:
         assert any(s.startswith("2") for s in hits), f"{service} ({address}) served no request: {served}"
 
 
+def test_cli_in_a_container_asks_through_nginx(stack: Stack, chatq_images: dict[str, str]) -> None:
+    # `docker run <image> ask`: the CLI in the worker image, on the stack's network.
+    network = f"{stack.project}_default"
+    out = run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            network,
+            chatq_images["worker"],
+            "ask",
+            "--url",
+            "http://nginx",
+            "--no-stream",
+            "--timeout",
+            "60",
+            "What is chatq?",
+        ],
+        timeout=120,
+    ).stdout
+    assert "[simulated answer from llmsim]" in out, out
+
+
 def test_answer_survives_a_killed_worker(stack: Stack) -> None:
     job_id = stack.ask("Tell me a long story.")
     stack.wait_status(job_id, {"running"}, timeout=60)
