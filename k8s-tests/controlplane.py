@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -194,6 +195,9 @@ class ControlPlane:
             "--service-cluster-ip-range=10.96.0.0/16",
             # 127.0.0.1 is no valid endpoint of the `kubernetes` Service; nothing here needs it.
             "--endpoint-reconciler-type=none",
+            # New nodes get a not-ready taint that only the node lifecycle controller lifts,
+            # and that controller is off (kwok's nodes send no kubelet heartbeats to judge).
+            "--disable-admission-plugins=TaintNodesByCondition",
             "--allow-privileged=true",
             "--profiling=false",
             "--event-ttl=1h",
@@ -238,9 +242,10 @@ class ControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log(f"starting {name}...")
-        out = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen([str(self.bin / name), *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(self.dir / f"{name}.log", "wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen([str(self.bin / name), *args], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
         self.procs.append((name, proc))
 
     def _kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -275,6 +280,12 @@ class ControlPlane:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str = "") -> bool:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -295,9 +306,16 @@ def running(binaries: Path, nodes: int = 2) -> Iterator[ControlPlane]:
         plane.stop()
 
 
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
-    # `python k8s-tests/controlplane.py`: start one by hand, print how to use it, stop on ^C.
-    with running(bin_dir()) as plane:
-        print(f"export KUBECONFIG={plane.kubeconfig}")
-        with contextlib.suppress(KeyboardInterrupt):
+    # `python k8s-tests/controlplane.py`: start one by hand, print how to use it, stop on ^C
+    # or SIGTERM (both stop every component and remove the folder).
+    signal.signal(signal.SIGINT, _stop_on_signal)
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    with contextlib.suppress(KeyboardInterrupt), running(bin_dir()) as plane:
+        print(f"export KUBECONFIG={plane.kubeconfig}", flush=True)
+        while True:
             signal.pause()
