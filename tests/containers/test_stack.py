@@ -59,6 +59,24 @@ def test_answer_through_nginx(stack: Stack) -> None:
     assert json.loads(events[-1][1])["answer"] == job["answer"]
 
 
+def test_sse_streams_tokens_as_they_come(stack: Stack) -> None:
+    # nginx must not buffer the event stream: the first token arrives long before the end
+    # (llmsim writes one token every 400 ms here, 24 in all).
+    job_id = stack.ask("Stream this, please.")
+    start = time.monotonic()
+    first_delta = done = 0.0
+    with urllib.request.urlopen(f"{stack.url}/v1/chat/{job_id}/events", timeout=60) as resp:
+        for raw in resp:
+            line = raw.decode()
+            if line.startswith("event: delta") and not first_delta:
+                first_delta = time.monotonic() - start
+            elif line.startswith("event: done"):
+                done = time.monotonic() - start
+                break
+    assert first_delta and done, (first_delta, done)
+    assert done - first_delta > 4, f"first token at {first_delta:.1f}s, done at {done:.1f}s"
+
+
 def test_request_size_limit(stack: Stack) -> None:
     status, body = stack.request("POST", "/v1/chat", {"message": "x" * 200_000})
     assert status == 413, body
