@@ -4,6 +4,7 @@ helm-unittest suites (charts/chatq/tests), the umbrella chart, and skaffold offl
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,11 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
     for name in ("loki", "tempo"):
         assert "grafana-community" in deps[name]["repository"]
 
-    # The remote charts cannot be fetched here: lint what helm can check without them...
+    # The remote charts cannot be fetched here: lint what helm and yamllint check without them...
     out = tools.helm("lint", STACK).stdout
     assert "0 chart(s) failed" in out
+    tools.run(sys.executable, "-m", "yamllint", "--strict", "-c", REPO / "charts" / "lintconf.yaml",
+              STACK / "Chart.yaml", STACK / "values.yaml")
 
     # ...and render the umbrella with chatq alone (a copy without the remote dependencies).
     copy = tmp_path / "chatq-stack"
