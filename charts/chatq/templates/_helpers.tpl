@@ -113,9 +113,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.worker.queueScaler.enabled (gt (int .Values.worker.queueScaler.minReplicas) (int .Values.worker.queueScaler.maxReplicas)) }}
 {{- fail "worker.queueScaler.minReplicas must not exceed maxReplicas" }}
 {{- end }}
-{{- if and .Values.api.httpRoute.enabled (not .Values.api.httpRoute.parentRefs) }}
-{{- fail "api.httpRoute.enabled needs api.httpRoute.parentRefs (the Gateway to attach to)" }}
-{{- end }}
 {{- if and .Values.queue.sqs.url (ne .Values.queue.backend "sqs") }}
 {{- fail "queue.sqs.url is set but queue.backend is not sqs" }}
 {{- end }}
