@@ -179,12 +179,12 @@ class Operator:
         return 0.0
 
 
-@pytest.fixture
-def operator(cluster: Cluster, busy_redis: servers.Server, tmp_path: Path) -> Iterator[Operator]:
-    """`python -m chatq_operator` watching the test's namespace."""
+@contextlib.contextmanager
+def run_operator(cluster: Cluster, busy_url: str, tmp_path: Path) -> Iterator[Operator]:
+    """`python -m chatq_operator` watching the test's namespace, with `cluster.kubeconfig`."""
     port = servers.free_port()
     env = servers.chatq_env(KUBECONFIG=cluster.kubeconfig, CHATQ_OPERATOR_METRICS_PORT=str(port),
-                            CHATQ_OPERATOR_BUSY_REDIS_URL=busy_redis.url, AWS_ACCESS_KEY_ID="x",
+                            CHATQ_OPERATOR_BUSY_REDIS_URL=busy_url, AWS_ACCESS_KEY_ID="x",
                             AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1", PYTHONUNBUFFERED="1")
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
@@ -210,6 +210,13 @@ def operator(cluster: Cluster, busy_redis: servers.Server, tmp_path: Path) -> It
                 proc.wait()
         cluster.strip_finalizers()
         sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text(errors='replace')[-4000:]}\n")
+
+
+@pytest.fixture
+def operator(cluster: Cluster, busy_redis: servers.Server, tmp_path: Path) -> Iterator[Operator]:
+    """The operator, with the cluster's admin credentials."""
+    with run_operator(cluster, busy_redis.url, tmp_path) as op:
+        yield op
 
 
 @pytest.fixture

@@ -48,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from chatq_operator import handlers  # registers the handlers with kopf
 
     del handlers
+    settings = kopf.OperatorSettings()
+    # Named namespaces need no cluster-wide listing of namespaces and CRDs, so a namespaced
+    # Role is enough (the QueueScaler CRD must exist when the operator starts).
+    exact = not args.all_namespaces and not any(set(n) & set("*?![]") for n in args.namespace)
+    settings.scanning.disabled = exact
     kopf.run(standalone=True, clusterwide=args.all_namespaces,
              namespaces=[] if args.all_namespaces else args.namespace,
-             liveness_endpoint=args.liveness or None)
+             liveness_endpoint=args.liveness or None, settings=settings)
     return 0
 
 
