@@ -27,8 +27,9 @@ DELTA_FLUSH_SECONDS = 0.05
 
 
 def default_worker_id() -> str:
-    """hostname-pid: unique per process, and the pod name's prefix in Kubernetes."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """hostname-pid-random: in a container the pid is always 1, and a restarted container
+    keeps its hostname, so the random part keeps two lives of one container apart."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
 class JobSink:
