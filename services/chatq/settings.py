@@ -54,7 +54,8 @@ class WorkerSettings(_Group):
     """How often leases are renewed while the model runs; 0 means a third of the queue's
     visibility timeout. Default 0."""
     id: str = ""
-    """Worker identity (Redis consumer name, busy-count key); empty means hostname-pid."""
+    """Worker identity (Redis consumer name, busy-count key); empty means hostname-pid-random.
+    In Kubernetes the chart sets it to the pod name."""
     busy_report_seconds: float = 5.0
     """How often the worker writes its in-flight count to Redis for the operator. Default 5 s."""
 
