@@ -46,7 +46,7 @@ from tests import servers
 
 REPO = Path(__file__).resolve().parent.parent
 CRD = REPO / "charts" / "chatq" / "crds" / "queuescalers.chatq.io.yaml"
-NS = "bench"
+NS = f"bench-operator-{uuid.uuid4().hex[:6]}"
 
 #: chatq's QueueScaler defaults and KEDA's (pollingInterval, HPA stabilization, cooldownPeriod).
 CHATQ_DEFAULT = model.Timings(poll=5, window=60, idle=300)
@@ -310,6 +310,10 @@ def measure(scenario: model.Scenario, timings: model.Timings, trials: int, seed:
                 horizon = (scenario.trickle_for + scenario.job_seconds * 4 + timings.window + timings.idle
                            + 120)
                 got.burst = bench.burst_then_drain(rnd, horizon)
+                # Deleted while the operator runs, so that it lifts its finalizer.
+                api.request("DELETE", f"/apis/chatq.io/v1alpha1/namespaces/{NS}/queuescalers/worker")
+                wait(lambda: not api.request("GET", f"/apis/chatq.io/v1alpha1/namespaces/{NS}/queuescalers")[
+                    "items"], "the QueueScaler to go", 30, 0.2)
         finally:
             with contextlib.suppress(kube.KubeError):
                 api.request("DELETE", f"/api/v1/namespaces/{NS}")
