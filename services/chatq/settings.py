@@ -150,7 +150,8 @@ class TelemetrySettings(_Group):
     metrics_port: int = 0
     """Port of the worker's /metrics server; 0 means 9100 for the worker. Default 0."""
     capture_content: bool = False
-    """Log and trace question and answer text. Default false: no user text leaves the job."""
+    """Put question and answer text into traces (GenAI prompt capture); logs never hold it.
+    Default false: no user text leaves the job."""
 
 
 class LogSettings(_Group):
