@@ -14,6 +14,9 @@ carry `Decision.history` over to the next poll. The rules, in the order they app
 6. Down: to the highest demand seen within the stabilization window (as the HPA does),
    keeping one warm pod until the queue has been idle (nothing visible, in flight, busy or
    newly added) for `idle_seconds_before_zero`; then straight to zero.
+7. Busy counts that could not be read hold any scale-down while messages are in flight.
+
+`deletion_costs` is the other pure choice: which pods the ReplicaSet should remove first.
 """
 
 from __future__ import annotations
