@@ -9,11 +9,17 @@ Obj = dict[str, Any]
 
 def find(objs: list[Obj], kind: str, name: str | None = None, component: str | None = None) -> Obj:
     """The one object of this kind (and name, or app.kubernetes.io/component label)."""
-    hits = [o for o in objs if o["kind"] == kind
-            and (name is None or o["metadata"]["name"] == name)
-            and (component is None or labels(o).get("app.kubernetes.io/component") == component)]
-    assert len(hits) == 1, (f"expected one {kind} (name={name}, component={component}), found "
-                            f"{[o['metadata']['name'] for o in hits]}; all: {kinds(objs)}")
+    hits = [
+        o
+        for o in objs
+        if o["kind"] == kind
+        and (name is None or o["metadata"]["name"] == name)
+        and (component is None or labels(o).get("app.kubernetes.io/component") == component)
+    ]
+    assert len(hits) == 1, (
+        f"expected one {kind} (name={name}, component={component}), found "
+        f"{[o['metadata']['name'] for o in hits]}; all: {kinds(objs)}"
+    )
     return hits[0]
 
 

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import controlplane
 import pytest
 import yaml
-
-import controlplane
 
 REPO = controlplane.REPO
 CHART = REPO / "charts" / "chatq"
@@ -53,27 +52,49 @@ class Tools:
     home: Path
     env: dict[str, str] = field(default_factory=dict)
 
-    def run(self, *args: str | Path, check: bool = True, input: str | None = None,
-            timeout: float = 120, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str | Path,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 120,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Runs a command with the tools' environment; on failure the error shows its output."""
         argv = [str(a) for a in args]
         try:
-            result = subprocess.run(argv, env=env or self.env, input=input, capture_output=True, text=True,
-                                    timeout=timeout, cwd=cwd or REPO)
+            result = subprocess.run(
+                argv,
+                env=env or self.env,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=cwd or REPO,
+            )
         except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"`{' '.join(argv)}` did not finish in {timeout:.0f} s\n"
-                                 f"stdout: {exc.stdout}\nstderr: {exc.stderr}") from None
+            raise AssertionError(
+                f"`{' '.join(argv)}` did not finish in {timeout:.0f} s\n"
+                f"stdout: {exc.stdout}\nstderr: {exc.stderr}"
+            ) from None
         if check and result.returncode != 0:
-            raise AssertionError(f"`{' '.join(argv)}` exited with {result.returncode}\n"
-                                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+            raise AssertionError(
+                f"`{' '.join(argv)}` exited with {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
         return result
 
     def helm(self, *args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.run(self.bin / "helm", *args, **kw)
 
-    def template(self, *args: str | Path, values: dict[str, Any] | None = None,
-                 release: str = "chatq", namespace: str = "chatq") -> list[dict[str, Any]]:
+    def template(
+        self,
+        *args: str | Path,
+        values: dict[str, Any] | None = None,
+        release: str = "chatq",
+        namespace: str = "chatq",
+    ) -> list[dict[str, Any]]:
         """`helm template` of charts/chatq, as a list of objects (values given as a dict)."""
         extra: list[str | Path] = []
         if values is not None:
@@ -123,8 +144,17 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
     home = tmp_path_factory.mktemp("k8s-tools")
     linked = home / "bin"
     linked.mkdir()
-    for name in ("helm", "kubectl", "ct", "kwok", "skaffold", "etcd", "kube-apiserver",
-                 "kube-controller-manager", "kube-scheduler"):
+    for name in (
+        "helm",
+        "kubectl",
+        "ct",
+        "kwok",
+        "skaffold",
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ):
         found = bin_dir / name if (bin_dir / name).exists() else shutil.which(name)
         if found:
             (linked / name).symlink_to(found)
@@ -158,8 +188,9 @@ def kube(tools: Tools) -> Iterator[Kube]:
         missing(f"the local control plane needs {', '.join(absent)} in {controlplane.bin_dir()}")
     with controlplane.running(tools.bin) as plane:
         env = {**tools.env, "KUBECONFIG": plane.kubeconfig}
-        yield Kube(bin=tools.bin, home=tools.home, env=env, kubeconfig=plane.kubeconfig,
-                   local=True, plane=plane)
+        yield Kube(
+            bin=tools.bin, home=tools.home, env=env, kubeconfig=plane.kubeconfig, local=True, plane=plane
+        )
 
 
 @pytest.fixture
@@ -170,9 +201,11 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
     kube.kubectl("create", "namespace", name)
     kube.kubectl("label", "namespace", name, "chatq.io/k8s-tests=true")
     try:
-        kube.wait_for(f"the default ServiceAccount in {name}",
-                      lambda: kube.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
-                      timeout=30)
+        kube.wait_for(
+            f"the default ServiceAccount in {name}",
+            lambda: kube.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+            timeout=30,
+        )
         yield name
     finally:
         kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)

@@ -88,35 +88,47 @@ class ControlPlane:
             self._certificates()
             self._etcd()
             self._apiserver()
-            self._spawn("kube-controller-manager", [
-                f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect=false",
-                "--secure-port=0",
-                f"--service-account-private-key-file={self.dir / 'sa.key'}",
-                f"--root-ca-file={self.dir / 'ca.crt'}",
-                "--use-service-account-credentials=false",
-                # Nodes are kwok's: no kubelet heartbeats for the lifecycle controller to judge.
-                "--controllers=*,-node-lifecycle-controller",
-                "--concurrent-deployment-syncs=10",
-                "--concurrent-replicaset-syncs=10",
-                "--concurrent-namespace-syncs=10",
-            ])
-            self._spawn("kube-scheduler", [
-                f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--secure-port=0",
-            ])
-            self._spawn("kwok", [
-                f"--kubeconfig={self.kubeconfig}",
-                f"--config={KWOK_STAGES}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                "--cidr=10.244.0.0/16",
-                "--node-ip=10.0.0.1",
-            ])
+            self._spawn(
+                "kube-controller-manager",
+                [
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                    f"--service-account-private-key-file={self.dir / 'sa.key'}",
+                    f"--root-ca-file={self.dir / 'ca.crt'}",
+                    "--use-service-account-credentials=false",
+                    # Nodes are kwok's: no kubelet heartbeats for the lifecycle controller to judge.
+                    "--controllers=*,-node-lifecycle-controller",
+                    "--concurrent-deployment-syncs=10",
+                    "--concurrent-replicaset-syncs=10",
+                    "--concurrent-namespace-syncs=10",
+                ],
+            )
+            self._spawn(
+                "kube-scheduler",
+                [
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                ],
+            )
+            self._spawn(
+                "kwok",
+                [
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--config={KWOK_STAGES}",
+                    "--manage-all-nodes=false",
+                    f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                    "--cidr=10.244.0.0/16",
+                    "--node-ip=10.0.0.1",
+                ],
+            )
             self._nodes()
             self._wait(
                 "the controller manager to create the default ServiceAccount",
                 lambda: self._kubectl_ok("get", "serviceaccount", "default", "-n", "default"),
-                60, "kube-controller-manager",
+                60,
+                "kube-controller-manager",
             )
         except BaseException:
             self.stop()
@@ -125,7 +137,7 @@ class ControlPlane:
         log(f"control plane ready in {self.startup_seconds:.1f} s (kubeconfig {self.kubeconfig})")
 
     def stop(self) -> None:
-        for name, proc in reversed(self.procs):
+        for _name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for name, proc in reversed(self.procs):
@@ -149,17 +161,55 @@ class ControlPlane:
     def _certificates(self) -> None:
         """A CA, the API server's serving certificate, the service-account key, a token."""
         log("making certificates with openssl...")
-        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-                      "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=chatq-k8s-tests-ca")
+        self._openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "30",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=chatq-k8s-tests-ca",
+        )
         (self.dir / "serving.ext").write_text(
             "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
             "extendedKeyUsage=serverAuth\n"
         )
-        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "serving.key",
-                      "-out", "serving.csr", "-subj", "/CN=kube-apiserver")
-        self._openssl("x509", "-req", "-in", "serving.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                      "-CAcreateserial", "-days", "30", "-extfile", "serving.ext", "-out", "serving.crt")
+        self._openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "serving.key",
+            "-out",
+            "serving.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        )
+        self._openssl(
+            "x509",
+            "-req",
+            "-in",
+            "serving.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            "serving.ext",
+            "-out",
+            "serving.crt",
+        )
         self._openssl("genrsa", "-out", "sa.key", "2048")
         self._openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
         # One static token in system:masters for the tests, controllers and scheduler.
@@ -168,65 +218,95 @@ class ControlPlane:
     def _etcd(self) -> None:
         client, peer = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{client}"
-        self._spawn("etcd", [
-            f"--data-dir={self.dir / 'etcd'}",
-            f"--listen-client-urls={self.etcd_url}", f"--advertise-client-urls={self.etcd_url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-cluster=default=http://127.0.0.1:{peer}",
-            "--unsafe-no-fsync", "--log-level=warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
         self._wait("etcd to answer /health", lambda: _http_ok(f"{self.etcd_url}/health"), 30, "etcd")
 
     def _apiserver(self) -> None:
         self.api_port = free_port()
         d = self.dir
-        self._spawn("kube-apiserver", [
-            f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-            f"--secure-port={self.api_port}",
-            f"--tls-cert-file={d / 'serving.crt'}", f"--tls-private-key-file={d / 'serving.key'}",
-            f"--client-ca-file={d / 'ca.crt'}",
-            f"--token-auth-file={d / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            f"--service-account-key-file={d / 'sa.pub'}",
-            f"--service-account-signing-key-file={d / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            # 127.0.0.1 is no valid endpoint of the `kubernetes` Service; nothing here needs it.
-            "--endpoint-reconciler-type=none",
-            # New nodes get a not-ready taint that only the node lifecycle controller lifts,
-            # and that controller is off (kwok's nodes send no kubelet heartbeats to judge).
-            "--disable-admission-plugins=TaintNodesByCondition",
-            "--allow-privileged=true",
-            "--profiling=false",
-            "--event-ttl=1h",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.api_port}",
+                f"--tls-cert-file={d / 'serving.crt'}",
+                f"--tls-private-key-file={d / 'serving.key'}",
+                f"--client-ca-file={d / 'ca.crt'}",
+                f"--token-auth-file={d / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-key-file={d / 'sa.pub'}",
+                f"--service-account-signing-key-file={d / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                # 127.0.0.1 is no valid endpoint of the `kubernetes` Service; nothing here needs it.
+                "--endpoint-reconciler-type=none",
+                # New nodes get a not-ready taint that only the node lifecycle controller lifts,
+                # and that controller is off (kwok's nodes send no kubelet heartbeats to judge).
+                "--disable-admission-plugins=TaintNodesByCondition",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--event-ttl=1h",
+            ],
+        )
         ca = base64.b64encode((d / "ca.crt").read_bytes()).decode()
-        Path(self.kubeconfig).write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "chatq-local",
-            "clusters": [{"name": "chatq-local", "cluster": {
-                "server": f"https://127.0.0.1:{self.api_port}", "certificate-authority-data": ca}}],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "chatq-local", "context": {"cluster": "chatq-local", "user": "admin"}}],
-        }, indent=2))
+        Path(self.kubeconfig).write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "chatq-local",
+                    "clusters": [
+                        {
+                            "name": "chatq-local",
+                            "cluster": {
+                                "server": f"https://127.0.0.1:{self.api_port}",
+                                "certificate-authority-data": ca,
+                            },
+                        }
+                    ],
+                    "users": [{"name": "admin", "user": {"token": self.token}}],
+                    "contexts": [
+                        {"name": "chatq-local", "context": {"cluster": "chatq-local", "user": "admin"}}
+                    ],
+                },
+                indent=2,
+            )
+        )
         context = ssl.create_default_context(cafile=str(d / "ca.crt"))
         self._wait(
             "kube-apiserver to answer /readyz (it bootstraps RBAC roles first)",
             lambda: _http_ok(f"https://127.0.0.1:{self.api_port}/readyz", context, self.token),
-            90, "kube-apiserver",
+            90,
+            "kube-apiserver",
         )
 
     def _nodes(self) -> None:
         for i in range(self.nodes):
             node = {
-                "apiVersion": "v1", "kind": "Node",
+                "apiVersion": "v1",
+                "kind": "Node",
                 "metadata": {
                     "name": f"kwok-node-{i}",
                     "annotations": {KWOK_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
                     "labels": {
-                        "kubernetes.io/hostname": f"kwok-node-{i}", "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64", "type": "kwok",
+                        "kubernetes.io/hostname": f"kwok-node-{i}",
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "type": "kwok",
                         "topology.kubernetes.io/zone": f"zone-{i % 2}",
                     },
                 },
@@ -235,7 +315,8 @@ class ControlPlane:
         self._wait(
             f"kwok to report {self.nodes} node(s) Ready",
             lambda: self._kubectl_ok("wait", "--for=condition=Ready", "node", "--all", "--timeout=2s"),
-            60, "kwok",
+            60,
+            "kwok",
         )
 
     # --- helpers -----------------------------------------------------------------------------
@@ -243,14 +324,25 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str]) -> None:
         log(f"starting {name}...")
         with open(self.dir / f"{name}.log", "wb") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen([str(self.bin / name), *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                [str(self.bin / name), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.procs.append((name, proc))
 
     def _kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-                              input=input, capture_output=True, text=True, check=True, timeout=30)
+        return subprocess.run(
+            [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
 
     def _kubectl_ok(self, *args: str) -> bool:
         try:
@@ -265,13 +357,16 @@ class ControlPlane:
         while time.monotonic() < deadline:
             for name, proc in self.procs:
                 if proc.poll() is not None:
-                    raise ControlPlaneError(f"{name} exited with {proc.returncode} while waiting for "
-                                            f"{what}:\n{self.log_tail(name)}")
+                    raise ControlPlaneError(
+                        f"{name} exited with {proc.returncode} while waiting for "
+                        f"{what}:\n{self.log_tail(name)}"
+                    )
             if ready():  # type: ignore[operator]
                 return
             time.sleep(0.25)
-        raise ControlPlaneError(f"timed out after {timeout:.0f} s waiting for {what}:\n"
-                                f"{self.log_tail(component)}")
+        raise ControlPlaneError(
+            f"timed out after {timeout:.0f} s waiting for {what}:\n{self.log_tail(component)}"
+        )
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.dir / f"{name}.log"

@@ -16,24 +16,26 @@ from typing import Any
 
 import pytest
 import yaml
-
 from chart import all_env, all_of, container, find, pod_spec
 from conftest import CHART, REPO, Tools
+from values_schema import MANAGED
 
 COMBINATIONS: dict[str, dict[str, Any]] = {
     "defaults": {"redis": {"url": "redis://r:6379/0"}},
     "dev-redis": {"dev": {"enabled": True}},
-    "dev-sqs-otel": {"dev": {"enabled": True}, "queue": {"backend": "sqs"},
-                     "otel": {"enabled": True, "endpoint": "http://tempo:4317"}},
-    "openai-existing-secrets": {"llm": {"apiKey": "k"}, "api": {"keys": ["a"]},
-                                "redis": {"existingSecret": "r"}, "metrics": {"dashboard": {"enabled": True}},
-                                "config": {"llm": {"max_attempts": 2}, "telemetry": {"capture_content": True}}},
+    "dev-sqs-otel": {
+        "dev": {"enabled": True},
+        "queue": {"backend": "sqs"},
+        "otel": {"enabled": True, "endpoint": "http://tempo:4317"},
+    },
+    "openai-existing-secrets": {
+        "llm": {"apiKey": "k"},
+        "api": {"keys": ["a"]},
+        "redis": {"existingSecret": "r"},
+        "metrics": {"dashboard": {"enabled": True}},
+        "config": {"llm": {"max_attempts": 2}, "telemetry": {"capture_content": True}},
+    },
 }
-# Settings the chart sets from its own structured values (queue, redis, llm, secrets, ports).
-MANAGED = {"api": {"host", "port", "keys"}, "worker": {"id", "grace_seconds"},
-           "queue": {"backend", "name", "group", "url", "region", "endpoint", "create"},
-           "redis": {"url"}, "llm": {"base_url", "api_key", "model"},
-           "llmsim": {"host", "port"}, "telemetry": {"metrics_port"}}
 
 
 def settings_names() -> set[str]:
@@ -60,7 +62,7 @@ def dockerfile(name: str) -> str:
 def exec_form(text: str, instruction: str) -> list[str]:
     lines = [line for line in text.splitlines() if line.startswith(instruction + " ")]
     assert lines, f"no {instruction} in the Dockerfile"
-    return list(json.loads(lines[-1][len(instruction) + 1:]))
+    return list(json.loads(lines[-1][len(instruction) + 1 :]))
 
 
 @pytest.mark.parametrize("combination", sorted(COMBINATIONS))
@@ -72,7 +74,9 @@ def test_every_env_var_is_a_real_setting(tools: Tools, combination: str) -> None
         for c in pod_spec(deployment)["containers"]:
             if not c["image"].startswith(("chatq-api:", "chatq-worker:")):
                 continue  # redis, ElasticMQ: not chatq's settings
-            names = set(all_env(objs, deployment)) if c.get("envFrom") else {e["name"] for e in c.get("env", [])}
+            names = (
+                set(all_env(objs, deployment)) if c.get("envFrom") else {e["name"] for e in c.get("env", [])}
+            )
             unknown = {n for n in names if n not in known and not n.startswith(("OTEL_", "AWS_"))}
             assert not unknown, f"{deployment['metadata']['name']}: {sorted(unknown)} are not chatq settings"
     for cm in all_of(objs, "ConfigMap"):
@@ -80,10 +84,19 @@ def test_every_env_var_is_a_real_setting(tools: Tools, combination: str) -> None
             assert set(cm["data"]) <= settings_names(), set(cm["data"]) - settings_names()
 
 
-def test_values_schema_config_lists_exactly_the_unmanaged_settings() -> None:
-    from pydantic import BaseModel
+def test_values_schema_is_generated_from_the_settings() -> None:
+    import values_schema
 
+    committed = json.loads((CHART / "values.schema.json").read_text())
+    assert committed == values_schema.build(), (
+        "charts/chatq/values.schema.json is stale (chatq.settings changed?): "
+        "run .venv/bin/python k8s-tests/values_schema.py and commit the result"
+    )
+
+
+def test_values_schema_config_lists_exactly_the_unmanaged_settings() -> None:
     from chatq.settings import Settings
+    from pydantic import BaseModel
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     config = schema["properties"]["config"]["properties"]
@@ -117,7 +130,9 @@ def test_images_commands_and_ports_match_the_dockerfiles(tools: Tools) -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     pyproject = (REPO / "pyproject.toml").read_text()
     version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
-    assert version and chart["appVersion"] == version.group(1), "appVersion is the image tag: keep it = chatq's version"
+    assert version and chart["appVersion"] == version.group(1), (
+        "appVersion is the image tag: keep it = chatq's version"
+    )
 
     for df, image, command, port in ((api_df, "api", "api", 8000), (worker_df, "worker", "worker", 9100)):
         title = re.search(r'org\.opencontainers\.image\.title="([^"]+)"', df)
@@ -134,7 +149,9 @@ def test_images_commands_and_ports_match_the_dockerfiles(tools: Tools) -> None:
         assert c["ports"][0]["containerPort"] == port
         user = re.search(r"^USER (\d+)", df, re.M)
         assert user and pod_spec(deployment)["securityContext"]["runAsUser"] == int(user.group(1))
-    assert re.search(r'pip install[^\n]*"\.\[operator\]"', worker_df), "the worker image must carry the operator"
+    assert re.search(r'pip install[^\n]*"\.\[operator\]"', worker_df), (
+        "the worker image must carry the operator"
+    )
     assert container(find(objs, "Deployment", "chatq-operator"))["image"].startswith("chatq-worker:")
     llmsim = container(find(objs, "Deployment", "chatq-llmsim"))
     assert llmsim["image"].startswith("chatq-api:") and llmsim["args"] == ["llmsim"]
@@ -152,4 +169,7 @@ def test_skaffold_builds_what_the_chart_deploys() -> None:
     assert Path(REPO / release["chartPath"]).resolve() == CHART.resolve()
     overrides = json.dumps(release["setValueTemplates"])
     for image in ("chatq-api", "chatq-worker"):
-        assert f"IMAGE_REPO_{image.replace('-', '_')}" in overrides and f"IMAGE_TAG_{image.replace('-', '_')}" in overrides
+        assert (
+            f"IMAGE_REPO_{image.replace('-', '_')}" in overrides
+            and f"IMAGE_TAG_{image.replace('-', '_')}" in overrides
+        )

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from chart import all_env, all_of, configmap_env, container, env, find, kinds, labels, pod_spec
 from conftest import CHART, Tools
 
@@ -44,14 +43,25 @@ def render_fails(tools: Tools, values: dict[str, Any]) -> str:
 
 def test_defaults_render_the_expected_objects(tools: Tools) -> None:
     objs = tools.template(values=REDIS)
-    assert kinds(objs) == sorted([
-        "ConfigMap/chatq", "Secret/chatq", "ServiceAccount/chatq", "ServiceAccount/chatq-operator",
-        "Deployment/chatq-api", "Service/chatq-api", "PodDisruptionBudget/chatq-api",
-        "Deployment/chatq-worker", "Service/chatq-worker-metrics", "PodDisruptionBudget/chatq-worker",
-        "QueueScaler/chatq-worker",
-        "Deployment/chatq-operator", "Role/chatq-operator", "RoleBinding/chatq-operator",
-        "Pod/chatq-test-ask",
-    ])
+    assert kinds(objs) == sorted(
+        [
+            "ConfigMap/chatq",
+            "Secret/chatq",
+            "ServiceAccount/chatq",
+            "ServiceAccount/chatq-operator",
+            "Deployment/chatq-api",
+            "Service/chatq-api",
+            "PodDisruptionBudget/chatq-api",
+            "Deployment/chatq-worker",
+            "Service/chatq-worker-metrics",
+            "PodDisruptionBudget/chatq-worker",
+            "QueueScaler/chatq-worker",
+            "Deployment/chatq-operator",
+            "Role/chatq-operator",
+            "RoleBinding/chatq-operator",
+            "Pod/chatq-test-ask",
+        ]
+    )
 
 
 def test_every_object_has_the_standard_labels(tools: Tools) -> None:
@@ -61,7 +71,9 @@ def test_every_object_has_the_standard_labels(tools: Tools) -> None:
         assert got["app.kubernetes.io/instance"] == "prod"
         assert got["app.kubernetes.io/version"] == APP_VERSION
         assert got["app.kubernetes.io/managed-by"] == "Helm"
-        assert got["helm.sh/chart"] == f"chatq-{yaml.safe_load((CHART / 'Chart.yaml').read_text())['version']}"
+        assert (
+            got["helm.sh/chart"] == f"chatq-{yaml.safe_load((CHART / 'Chart.yaml').read_text())['version']}"
+        )
 
 
 def test_selectors_match_their_pods_and_services(tools: Tools) -> None:
@@ -70,16 +82,23 @@ def test_selectors_match_their_pods_and_services(tools: Tools) -> None:
         selector = deployment["spec"]["selector"]["matchLabels"]
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selector.items() <= pod_labels.items(), deployment["metadata"]["name"]
-        assert set(selector) == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
-                                 "app.kubernetes.io/component"}
+        assert set(selector) == {
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/component",
+        }
     api = find(objs, "Deployment", "chatq-api")
     assert find(objs, "Service", "chatq-api")["spec"]["selector"] == api["spec"]["selector"]["matchLabels"]
     worker = find(objs, "Deployment", "chatq-worker")
-    assert (find(objs, "Service", "chatq-worker-metrics")["spec"]["selector"]
-            == worker["spec"]["selector"]["matchLabels"])
+    assert (
+        find(objs, "Service", "chatq-worker-metrics")["spec"]["selector"]
+        == worker["spec"]["selector"]["matchLabels"]
+    )
     for pdb, target in (("chatq-api", api), ("chatq-worker", worker)):
-        assert (find(objs, "PodDisruptionBudget", pdb)["spec"]["selector"]["matchLabels"]
-                == target["spec"]["selector"]["matchLabels"])
+        assert (
+            find(objs, "PodDisruptionBudget", pdb)["spec"]["selector"]["matchLabels"]
+            == target["spec"]["selector"]["matchLabels"]
+        )
 
 
 def test_images_default_to_the_app_version_and_the_operator_runs_the_worker_image(tools: Tools) -> None:
@@ -94,11 +113,25 @@ def test_images_default_to_the_app_version_and_the_operator_runs_the_worker_imag
 
 
 def test_registry_and_tags(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"image": {
-        "registry": "registry.example/acme/", "api": {"tag": "1.2.3"}, "worker": {"tag": "1.2.4"}}}))
-    assert container(find(objs, "Deployment", "chatq-api"))["image"] == "registry.example/acme/chatq-api:1.2.3"
-    assert (container(find(objs, "Deployment", "chatq-worker"))["image"]
-            == "registry.example/acme/chatq-worker:1.2.4")
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "image": {
+                    "registry": "registry.example/acme/",
+                    "api": {"tag": "1.2.3"},
+                    "worker": {"tag": "1.2.4"},
+                }
+            },
+        )
+    )
+    assert (
+        container(find(objs, "Deployment", "chatq-api"))["image"] == "registry.example/acme/chatq-api:1.2.3"
+    )
+    assert (
+        container(find(objs, "Deployment", "chatq-worker"))["image"]
+        == "registry.example/acme/chatq-worker:1.2.4"
+    )
 
 
 def test_latest_is_refused(tools: Tools) -> None:
@@ -121,7 +154,9 @@ def test_hardening_of_every_chatq_pod(tools: Tools) -> None:
             assert c["resources"]["limits"]["memory"], name
             assert not c["image"].endswith(":latest"), name
         if labels(obj)["app.kubernetes.io/component"] == "operator":
-            assert spec.get("automountServiceAccountToken", True) is True, "the operator talks to the API server"
+            assert spec.get("automountServiceAccountToken", True) is True, (
+                "the operator talks to the API server"
+            )
         else:
             assert spec["automountServiceAccountToken"] is False, f"{name} needs no Kubernetes API token"
 
@@ -137,7 +172,9 @@ def test_api_and_worker_probes(tools: Tools) -> None:
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     operator = container(find(objs, "Deployment", "chatq-operator"))
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert env(find(objs, "Deployment", "chatq-operator"))["CHATQ_OPERATOR_LIVENESS"].endswith(":8081/healthz")
+    assert env(find(objs, "Deployment", "chatq-operator"))["CHATQ_OPERATOR_LIVENESS"].endswith(
+        ":8081/healthz"
+    )
 
 
 def test_worker_outlives_its_grace_and_knows_its_pod_name(tools: Tools) -> None:
@@ -147,26 +184,39 @@ def test_worker_outlives_its_grace_and_knows_its_pod_name(tools: Tools) -> None:
     assert pod_spec(worker)["terminationGracePeriodSeconds"] > grace >= 120
     assert env(worker)["CHATQ_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env(worker)["CHATQ_TELEMETRY_METRICS_PORT"] == "9100"
-    stderr = render_fails(tools, merged(REDIS, {"worker": {"graceSeconds": 200,
-                                                           "terminationGracePeriodSeconds": 150}}))
+    stderr = render_fails(
+        tools, merged(REDIS, {"worker": {"graceSeconds": 200, "terminationGracePeriodSeconds": 150}})
+    )
     assert "terminationGracePeriodSeconds must be longer" in stderr
 
 
 def test_queuescaler_owns_worker_replicas(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"config": {"worker": {"concurrency": 8}},
-                                                "worker": {"queueScaler": {"minReplicas": 0, "maxReplicas": 7}}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "config": {"worker": {"concurrency": 8}},
+                "worker": {"queueScaler": {"minReplicas": 0, "maxReplicas": 7}},
+            },
+        )
+    )
     worker = find(objs, "Deployment", "chatq-worker")
     assert "replicas" not in worker["spec"], "the operator, not helm upgrade, sets worker replicas"
     qs = find(objs, "QueueScaler", "chatq-worker")
     assert qs["apiVersion"] == "chatq.io/v1alpha1"
     assert qs["spec"]["targetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatq-worker"}
-    assert qs["spec"]["queue"] == {"redis": {"url": "redis://redis.example:6379/0", "stream": "chatq-jobs",
-                                             "group": "chatq-workers"}}
+    assert qs["spec"]["queue"] == {
+        "redis": {"url": "redis://redis.example:6379/0", "stream": "chatq-jobs", "group": "chatq-workers"}
+    }
     assert (qs["spec"]["minReplicas"], qs["spec"]["maxReplicas"]) == (0, 7)
-    assert qs["spec"]["messagesPerReplica"] == 8 == int(configmap_env(objs, worker)["CHATQ_WORKER_CONCURRENCY"])
+    assert (
+        qs["spec"]["messagesPerReplica"] == 8 == int(configmap_env(objs, worker)["CHATQ_WORKER_CONCURRENCY"])
+    )
     assert "fallbackReplicas" not in qs["spec"]
 
-    fixed = tools.template(values=merged(REDIS, {"worker": {"replicaCount": 3, "queueScaler": {"enabled": False}}}))
+    fixed = tools.template(
+        values=merged(REDIS, {"worker": {"replicaCount": 3, "queueScaler": {"enabled": False}}})
+    )
     assert find(fixed, "Deployment", "chatq-worker")["spec"]["replicas"] == 3
     assert not all_of(fixed, "QueueScaler")
 
@@ -174,8 +224,9 @@ def test_queuescaler_owns_worker_replicas(tools: Tools) -> None:
 def test_operator_off(tools: Tools) -> None:
     stderr = render_fails(tools, merged(REDIS, {"operator": {"enabled": False}}))
     assert "queueScaler.enabled needs operator.enabled" in stderr
-    objs = tools.template(values=merged(REDIS, {"operator": {"enabled": False},
-                                                "worker": {"queueScaler": {"enabled": False}}}))
+    objs = tools.template(
+        values=merged(REDIS, {"operator": {"enabled": False}, "worker": {"queueScaler": {"enabled": False}}})
+    )
     assert not [o for o in objs if labels(o).get("app.kubernetes.io/component") == "operator"]
     assert not all_of(objs, "Role")
 
@@ -192,7 +243,9 @@ def test_operator_rbac_is_namespaced_and_least_privilege(tools: Tools) -> None:
         (("", "events.k8s.io"), ("events",)): {"create"},
     }
     binding = find(objs, "RoleBinding", "chatq-operator")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "chatq-operator", "namespace": "team-a"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "chatq-operator", "namespace": "team-a"}
+    ]
     assert not all_of(objs, "ClusterRole") and not all_of(objs, "ClusterRoleBinding")
     operator = find(objs, "Deployment", "chatq-operator")
     assert pod_spec(operator)["serviceAccountName"] == "chatq-operator"
@@ -234,18 +287,24 @@ def test_dev_with_sqs_runs_elasticmq(tools: Tools) -> None:
     assert cfg["AWS_ACCESS_KEY_ID"] and cfg["AWS_SECRET_ACCESS_KEY"]
     assert "CHATQ_QUEUE_GROUP" not in cfg
     qs = find(objs, "QueueScaler", "chatq-worker")
-    assert qs["spec"]["queue"] == {"sqs": {"name": "chatq-jobs", "region": "us-east-1",
-                                           "endpoint": "http://chatq-elasticmq:9324"}}
+    assert qs["spec"]["queue"] == {
+        "sqs": {"name": "chatq-jobs", "region": "us-east-1", "endpoint": "http://chatq-elasticmq:9324"}
+    }
 
 
 def test_sqs_in_production_with_irsa(tools: Tools) -> None:
     url = "https://sqs.eu-west-1.amazonaws.com/123456789012/chatq-jobs"
     role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/chatq"}
-    objs = tools.template(values=merged(REDIS, {
-        "queue": {"backend": "sqs", "sqs": {"url": url, "region": "eu-west-1"}},
-        "serviceAccount": {"annotations": role},
-        "operator": {"serviceAccount": {"annotations": role}},
-    }))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "queue": {"backend": "sqs", "sqs": {"url": url, "region": "eu-west-1"}},
+                "serviceAccount": {"annotations": role},
+                "operator": {"serviceAccount": {"annotations": role}},
+            },
+        )
+    )
     assert find(objs, "ServiceAccount", "chatq")["metadata"]["annotations"] == role
     assert find(objs, "ServiceAccount", "chatq-operator")["metadata"]["annotations"] == role
     worker = find(objs, "Deployment", "chatq-worker")
@@ -255,21 +314,32 @@ def test_sqs_in_production_with_irsa(tools: Tools) -> None:
     assert "AWS_ACCESS_KEY_ID" not in cfg, "IRSA provides the credentials"
     assert pod_spec(worker)["serviceAccountName"] == "chatq"
     assert find(objs, "QueueScaler", "chatq-worker")["spec"]["queue"]["sqs"]["url"] == url
-    assert not [o for o in objs if labels(o).get("app.kubernetes.io/component") in {"redis", "elasticmq", "llmsim"}]
+    assert not [
+        o for o in objs if labels(o).get("app.kubernetes.io/component") in {"redis", "elasticmq", "llmsim"}
+    ]
 
 
 # --- secrets and settings --------------------------------------------------------------------
 
 
 def test_openai_key_and_api_keys_go_to_the_secret_not_to_the_operator(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"llm": {"apiKey": "sk-test", "model": "gpt-4o-mini"},
-                                                "api": {"keys": ["alpha", "sha256:" + "ab" * 32]}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "llm": {"apiKey": "sk-test", "model": "gpt-4o-mini"},
+                "api": {"keys": ["alpha", "sha256:" + "ab" * 32]},
+            },
+        )
+    )
     secret = find(objs, "Secret", "chatq")["data"]
     assert base64.b64decode(secret["llm-api-key"]).decode() == "sk-test"
     assert base64.b64decode(secret["api-keys"]).decode() == "alpha,sha256:" + "ab" * 32
     for name in ("chatq-api", "chatq-worker"):
         got = env(find(objs, "Deployment", name))
-        assert got["CHATQ_LLM_API_KEY"] == {"secretKeyRef": {"name": "chatq", "key": "llm-api-key", "optional": True}}
+        assert got["CHATQ_LLM_API_KEY"] == {
+            "secretKeyRef": {"name": "chatq", "key": "llm-api-key", "optional": True}
+        }
         assert got["CHATQ_API_KEYS"]["secretKeyRef"]["key"] == "api-keys"
     operator = env(find(objs, "Deployment", "chatq-operator"))
     assert "CHATQ_LLM_API_KEY" not in operator and "CHATQ_API_KEYS" not in operator
@@ -282,7 +352,9 @@ def test_openai_key_and_api_keys_go_to_the_secret_not_to_the_operator(tools: Too
 
 
 def test_existing_secrets(tools: Tools) -> None:
-    objs = tools.template(values={"secrets": {"existingSecret": "chatq-keys"}, "redis": {"existingSecret": "redis-auth"}})
+    objs = tools.template(
+        values={"secrets": {"existingSecret": "chatq-keys"}, "redis": {"existingSecret": "redis-auth"}}
+    )
     assert not all_of(objs, "Secret")
     worker = find(objs, "Deployment", "chatq-worker")
     got = env(worker)
@@ -297,9 +369,18 @@ def test_redis_is_required(tools: Tools) -> None:
 
 
 def test_config_values_become_settings(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"config": {
-        "log": {"level": "DEBUG", "json_format": False}, "llm": {"timeout_seconds": 30.5},
-        "api": {"max_wait_seconds": 20}}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "config": {
+                    "log": {"level": "DEBUG", "json_format": False},
+                    "llm": {"timeout_seconds": 30.5},
+                    "api": {"max_wait_seconds": 20},
+                }
+            },
+        )
+    )
     cm = find(objs, "ConfigMap", "chatq")["data"]
     assert cm["CHATQ_LOG_LEVEL"] == "DEBUG"
     assert cm["CHATQ_LOG_JSON_FORMAT"] == "false"
@@ -307,15 +388,20 @@ def test_config_values_become_settings(tools: Tools) -> None:
     assert cm["CHATQ_API_MAX_WAIT_SECONDS"] == "20"
 
 
-@pytest.mark.parametrize("config", [
-    {"nonsense": {"x": 1}},
-    {"worker": {"no_such_field": 1}},
-    {"queue": {"backend": "sqs"}},  # queue.* has its own values
-    {"worker": {"concurrency": 0}},  # settings' own bounds
-    {"log": {"json_format": "maybe"}},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"nonsense": {"x": 1}},
+        {"worker": {"no_such_field": 1}},
+        {"queue": {"backend": "sqs"}},  # queue.* has its own values
+        {"worker": {"concurrency": 0}},  # settings' own bounds
+        {"log": {"json_format": "maybe"}},
+    ],
+)
 def test_schema_rejects_unknown_or_managed_settings(tools: Tools, config: dict[str, Any]) -> None:
-    assert "values don't meet the specifications of the schema" in render_fails(tools, merged(REDIS, {"config": config}))
+    assert "values don't meet the specifications of the schema" in render_fails(
+        tools, merged(REDIS, {"config": config})
+    )
 
 
 def test_schema_rejects_unknown_values(tools: Tools) -> None:
@@ -326,11 +412,26 @@ def test_schema_rejects_unknown_values(tools: Tools) -> None:
 
 
 def test_ingress_for_long_polls_and_sse(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"api": {"ingress": {
-        "enabled": True, "annotations": {"cert-manager.io/cluster-issuer": "letsencrypt",
-                                         "nginx.ingress.kubernetes.io/proxy-body-size": "1m"},
-        "hosts": [{"host": "chat.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
-        "tls": [{"secretName": "chat-tls", "hosts": ["chat.example.com"]}]}}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "api": {
+                    "ingress": {
+                        "enabled": True,
+                        "annotations": {
+                            "cert-manager.io/cluster-issuer": "letsencrypt",
+                            "nginx.ingress.kubernetes.io/proxy-body-size": "1m",
+                        },
+                        "hosts": [
+                            {"host": "chat.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
+                        ],
+                        "tls": [{"secretName": "chat-tls", "hosts": ["chat.example.com"]}],
+                    }
+                }
+            },
+        )
+    )
     ingress = find(objs, "Ingress", "chatq-api")
     assert ingress["spec"]["ingressClassName"] == "nginx"
     notes = ingress["metadata"]["annotations"]
@@ -344,17 +445,32 @@ def test_ingress_for_long_polls_and_sse(tools: Tools) -> None:
     assert rule["http"]["paths"][0]["backend"] == {"service": {"name": "chatq-api", "port": {"name": "http"}}}
     assert ingress["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}]
 
-    other = tools.template(values=merged(REDIS, {"api": {"ingress": {"enabled": True, "className": "traefik",
-                                                                     "nginxAnnotations": False}}}))
+    other = tools.template(
+        values=merged(
+            REDIS, {"api": {"ingress": {"enabled": True, "className": "traefik", "nginxAnnotations": False}}}
+        )
+    )
     ingress = find(other, "Ingress", "chatq-api")
     assert ingress["spec"]["ingressClassName"] == "traefik"
     assert "annotations" not in ingress["metadata"]
 
 
 def test_gateway_api_httproute(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"api": {"httpRoute": {
-        "enabled": True, "parentRefs": [{"name": "public", "namespace": "gateways"}],
-        "hostnames": ["chat.example.com"], "requestTimeout": "3600s"}}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "api": {
+                    "httpRoute": {
+                        "enabled": True,
+                        "parentRefs": [{"name": "public", "namespace": "gateways"}],
+                        "hostnames": ["chat.example.com"],
+                        "requestTimeout": "3600s",
+                    }
+                }
+            },
+        )
+    )
     route = find(objs, "HTTPRoute", "chatq-api")
     assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
     assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
@@ -367,7 +483,11 @@ def test_gateway_api_httproute(tools: Tools) -> None:
 def test_api_hpa_takes_over_replicas(tools: Tools) -> None:
     objs = tools.template(values=merged(REDIS, {"api": {"autoscaling": {"enabled": True, "maxReplicas": 6}}}))
     hpa = find(objs, "HorizontalPodAutoscaler", "chatq-api")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatq-api"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "chatq-api",
+    }
     assert hpa["spec"]["maxReplicas"] == 6
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     assert "replicas" not in find(objs, "Deployment", "chatq-api")["spec"]
@@ -385,29 +505,54 @@ def test_topology_spread(tools: Tools) -> None:
 
 
 def test_network_policies(tools: Tools) -> None:
-    objs = tools.template(values={"dev": {"enabled": True}, "networkPolicy": {
-        "enabled": True, "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}})
+    objs = tools.template(
+        values={
+            "dev": {"enabled": True},
+            "networkPolicy": {
+                "enabled": True,
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+            },
+        }
+    )
     names = sorted(p["metadata"]["name"] for p in all_of(objs, "NetworkPolicy"))
     assert names == ["chatq-api", "chatq-llmsim", "chatq-operator", "chatq-redis", "chatq-worker"]
     worker = find(objs, "NetworkPolicy", "chatq-worker")["spec"]["ingress"]
-    assert worker == [{"ports": [{"port": "metrics", "protocol": "TCP"}],
-                       "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}]
+    assert worker == [
+        {
+            "ports": [{"port": "metrics", "protocol": "TCP"}],
+            "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        }
+    ]
     redis = find(objs, "NetworkPolicy", "chatq-redis")["spec"]["ingress"][0]["from"][0]
-    assert redis["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "chatq",
-                                                   "app.kubernetes.io/part-of": "chatq"}
+    assert redis["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/instance": "chatq",
+        "app.kubernetes.io/part-of": "chatq",
+    }
 
 
 # --- observability ---------------------------------------------------------------------------
 
 
 def test_service_and_pod_monitors_and_dashboard(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"metrics": {
-        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
-        "dashboard": {"enabled": True}}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "metrics": {
+                    "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+                    "dashboard": {"enabled": True},
+                }
+            },
+        )
+    )
     monitors = {m["metadata"]["name"]: m for m in all_of(objs, "ServiceMonitor")}
     assert set(monitors) == {"chatq-api", "chatq-worker"}
     assert monitors["chatq-worker"]["spec"]["endpoints"][0]["port"] == "metrics"
-    assert monitors["chatq-api"]["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "30s"}
+    assert monitors["chatq-api"]["spec"]["endpoints"][0] == {
+        "port": "http",
+        "path": "/metrics",
+        "interval": "30s",
+    }
     assert all(labels(m)["release"] == "kube-prometheus-stack" for m in monitors.values())
     board = find(objs, "ConfigMap", "chatq-dashboard")
     assert labels(board)["grafana_dashboard"] == "1"
@@ -417,16 +562,29 @@ def test_service_and_pod_monitors_and_dashboard(tools: Tools) -> None:
     for metric in ("chatq_http_requests_total", "chatq_worker_in_flight", "chatq_queue_wait_seconds_bucket"):
         assert metric in exprs
 
-    pods = tools.template(values=merged(REDIS, {"metrics": {"serviceMonitor": {"enabled": True},
-                                                            "podMonitor": {"enabled": True}}}))
+    pods = tools.template(
+        values=merged(
+            REDIS, {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+        )
+    )
     assert [m["metadata"]["name"] for m in all_of(pods, "ServiceMonitor")] == ["chatq-api"]
     podmonitor = find(pods, "PodMonitor", "chatq-worker")
     assert podmonitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 def test_otel_environment(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"otel": {"enabled": True, "endpoint": "http://tempo:4317",
-                                                         "resourceAttributes": {"deployment.environment": "prod"}}}))
+    objs = tools.template(
+        values=merged(
+            REDIS,
+            {
+                "otel": {
+                    "enabled": True,
+                    "endpoint": "http://tempo:4317",
+                    "resourceAttributes": {"deployment.environment": "prod"},
+                }
+            },
+        )
+    )
     for name, service in (("chatq-api", "chatq-api"), ("chatq-worker", "chatq-worker")):
         got = env(find(objs, "Deployment", name))
         assert got["OTEL_SERVICE_NAME"] == service

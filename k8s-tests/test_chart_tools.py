@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CHART, IN_CI, REPO, Tools
 
 STACK = REPO / "charts" / "chatq-stack"
@@ -43,8 +42,11 @@ def test_ct_lint(tools: Tools, tmp_path: Path) -> None:
     work = tmp_path / "repo"
     shutil.copytree(REPO / "charts", work / "charts", ignore=shutil.ignore_patterns("chatq-stack"))
     shutil.copy(REPO / "ct.yaml", work / "ct.yaml")
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                 ["-c", "user.name=k8s-tests", "-c", "user.email=k8s-tests@invalid", "commit", "-q", "-m", "chart"]):
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["add", "-A"],
+        ["-c", "user.name=k8s-tests", "-c", "user.email=k8s-tests@invalid", "commit", "-q", "-m", "chart"],
+    ):
         tools.run("git", *args, cwd=work)
     result = tools.run(ct, "lint", "--config", "ct.yaml", "--charts", "charts/chatq", cwd=work, timeout=300)
     assert "All charts linted successfully" in result.stdout + result.stderr
@@ -70,8 +72,9 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
     assert set(deps) == {"chatq", "kube-prometheus-stack", "loki", "tempo", "ingress-nginx"}
     for name, dep in deps.items():
         assert dep.get("condition"), f"{name} must be optional"
-        assert dep["version"][0].isdigit() and not set("^~*x><=") & set(dep["version"]), \
+        assert dep["version"][0].isdigit() and not set("^~*x><=") & set(dep["version"]), (
             f"{name} must be pinned to one version, not {dep['version']}"
+        )
     assert deps["chatq"]["repository"] == "file://../chatq"
     for name in ("loki", "tempo"):
         assert "grafana-community" in deps[name]["repository"]
@@ -79,8 +82,16 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
     # The remote charts cannot be fetched here: lint what helm and yamllint check without them...
     out = tools.helm("lint", STACK).stdout
     assert "0 chart(s) failed" in out
-    tools.run(sys.executable, "-m", "yamllint", "--strict", "-c", REPO / "charts" / "lintconf.yaml",
-              STACK / "Chart.yaml", STACK / "values.yaml")
+    tools.run(
+        sys.executable,
+        "-m",
+        "yamllint",
+        "--strict",
+        "-c",
+        REPO / "charts" / "lintconf.yaml",
+        STACK / "Chart.yaml",
+        STACK / "values.yaml",
+    )
 
     # ...and render the umbrella with chatq alone (a copy without the remote dependencies).
     copy = tmp_path / "chatq-stack"
@@ -96,8 +107,10 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
     selector = stack_values["kube-prometheus-stack"]["prometheus"]["prometheusSpec"]
     release_label = stack_values["chatq"]["metrics"]["serviceMonitor"]["labels"]
     assert all(release_label.items() <= o["metadata"]["labels"].items() for o in monitors)
-    assert (selector.get("serviceMonitorSelectorNilUsesHelmValues") is False
-            or selector.get("serviceMonitorSelector", {}).get("matchLabels", {}).items() <= release_label.items())
+    assert (
+        selector.get("serviceMonitorSelectorNilUsesHelmValues") is False
+        or selector.get("serviceMonitorSelector", {}).get("matchLabels", {}).items() <= release_label.items()
+    )
     worker = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-worker"))
     env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "tempo" in env["OTEL_EXPORTER_OTLP_ENDPOINT"], env
@@ -109,20 +122,38 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
 
 def test_skaffold_offline(tools: Tools, tmp_path: Path) -> None:
     skaffold = need(tools, "skaffold")
-    env = {**tools.env, "SKAFFOLD_UPDATE_CHECK": "false", "SKAFFOLD_DISABLE_MONITORING": "true",
-           "HOME": str(tmp_path)}
-    diagnose = tools.run(skaffold, "diagnose", "--yaml-only", "--filename", REPO / "skaffold.yaml",
-                         cwd=REPO, env=env)
+    env = {
+        **tools.env,
+        "SKAFFOLD_UPDATE_CHECK": "false",
+        "SKAFFOLD_DISABLE_MONITORING": "true",
+        "HOME": str(tmp_path),
+    }
+    diagnose = tools.run(
+        skaffold, "diagnose", "--yaml-only", "--filename", REPO / "skaffold.yaml", cwd=REPO, env=env
+    )
     parsed = yaml.safe_load(diagnose.stdout)
     assert parsed["apiVersion"].startswith("skaffold/v4beta")
     assert [a["image"] for a in parsed["build"]["artifacts"]] == ["chatq-api", "chatq-worker"]
 
     # render with images that exist locally by name and tag: nothing is built, pulled or pushed.
     images = tmp_path / "images.json"
-    images.write_text('{"builds": [{"imageName": "chatq-api", "tag": "chatq-api:0.1.0-dev"},'
-                      ' {"imageName": "chatq-worker", "tag": "chatq-worker:0.1.0-dev"}]}')
-    result = tools.run(skaffold, "render", "--offline=true", "--digest-source=tag", "--build-artifacts",
-                       images, "--filename", REPO / "skaffold.yaml", cwd=REPO, timeout=180, env=env)
+    images.write_text(
+        '{"builds": [{"imageName": "chatq-api", "tag": "chatq-api:0.1.0-dev"},'
+        ' {"imageName": "chatq-worker", "tag": "chatq-worker:0.1.0-dev"}]}'
+    )
+    result = tools.run(
+        skaffold,
+        "render",
+        "--offline=true",
+        "--digest-source=tag",
+        "--build-artifacts",
+        images,
+        "--filename",
+        REPO / "skaffold.yaml",
+        cwd=REPO,
+        timeout=180,
+        env=env,
+    )
     objs = [d for d in yaml.safe_load_all(result.stdout) if d]
     by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Deployment"}
     assert set(by_name) >= {"chatq-api", "chatq-worker", "chatq-operator", "chatq-redis", "chatq-llmsim"}

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import pytest
-
 from conftest import CHART, Kube
 
 CRD = CHART / "crds" / "queuescalers.chatq.io.yaml"
@@ -52,14 +51,23 @@ def create(kube: Kube, namespace: str, body: dict[str, Any], dry_run: bool = Tru
 BAD = {
     "no targetRef": (with_spec(targetRef=None), "targetRef"),
     "empty target name": (with_spec(targetRef={"name": ""}), "spec.targetRef.name"),
-    "a StatefulSet target": (with_spec(targetRef={"name": "w", "kind": "StatefulSet"}), "spec.targetRef.kind"),
+    "a StatefulSet target": (
+        with_spec(targetRef={"name": "w", "kind": "StatefulSet"}),
+        "spec.targetRef.kind",
+    ),
     "no queue": (with_spec(queue=None), "queue"),
     "an empty queue": (with_spec(queue={}), "spec.queue"),
     "two queues": (with_spec(queue={"redis": {"url": "redis://r"}, "sqs": {"name": "q"}}), "spec.queue"),
-    "sqs without url or name": (with_spec(queue={"sqs": {"region": "eu-west-1"}}), "sqs needs a url or a name"),
+    "sqs without url or name": (
+        with_spec(queue={"sqs": {"region": "eu-west-1"}}),
+        "sqs needs a url or a name",
+    ),
     "negative minReplicas": (with_spec(minReplicas=-1), "spec.minReplicas"),
     "zero maxReplicas": (with_spec(maxReplicas=0), "spec.maxReplicas"),
-    "min above max": (with_spec(minReplicas=6, maxReplicas=5), "minReplicas must not be greater than maxReplicas"),
+    "min above max": (
+        with_spec(minReplicas=6, maxReplicas=5),
+        "minReplicas must not be greater than maxReplicas",
+    ),
     "zero messagesPerReplica": (with_spec(messagesPerReplica=0), "spec.messagesPerReplica"),
     "too fast polling": (with_spec(pollSeconds=0.1), "spec.pollSeconds"),
     "a string for a number": (with_spec(maxReplicas="ten"), "spec.maxReplicas"),
@@ -82,15 +90,27 @@ def test_a_good_queuescaler_is_stored_with_defaults(kube: Kube, crd: None, names
     assert result.returncode == 0, result.stderr
     stored = kube.get("queuescaler", "workers", "-n", namespace)["spec"]
     assert stored["targetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatq-worker"}
-    assert stored["queue"]["redis"] == {"url": "redis://redis:6379/0", "stream": "chatq-jobs",
-                                        "group": "chatq-workers"}
+    assert stored["queue"]["redis"] == {
+        "url": "redis://redis:6379/0",
+        "stream": "chatq-jobs",
+        "group": "chatq-workers",
+    }
     assert stored["includeInFlight"] is True
     assert stored["pollSeconds"] == 5
     assert stored["messagesPerReplica"] >= 1
     # The status subresource: a status write goes through /status, and the spec stays.
     patch = {"status": {"visible": 7, "inFlight": 2, "desiredReplicas": 1, "currentReplicas": 0}}
-    kube.kubectl("patch", "queuescaler", "workers", "-n", namespace, "--subresource=status",
-                 "--type=merge", "-p", json.dumps(patch))
+    kube.kubectl(
+        "patch",
+        "queuescaler",
+        "workers",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(patch),
+    )
     got = kube.get("queuescaler", "workers", "-n", namespace)
     assert got["status"]["visible"] == 7 and got["spec"]["maxReplicas"] == 5
     columns = kube.kubectl("get", "qs", "-n", namespace).stdout
