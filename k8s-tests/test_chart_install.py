@@ -112,7 +112,11 @@ def test_install_test_upgrade_rollback_uninstall(kube: Kube, namespace: str) -> 
         timeout=240,
     )
     assert helm_revision(kube, namespace) == (2, "deployed")
-    assert deployment_status(kube, namespace)["chatq-api"] == (3, 3)
+    kube.wait_for(
+        "3 ready API replicas (old pods of the rollout may still count for a moment)",
+        lambda: deployment_status(kube, namespace)["chatq-api"] == (3, 3),
+        timeout=90,
+    )
     cm = kube.get("configmap", "chatq", "-n", namespace)
     assert cm["data"]["CHATQ_LOG_LEVEL"] == "DEBUG"
     after = kube.get("deployment", "chatq-api", "-n", namespace)
