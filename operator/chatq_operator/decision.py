@@ -244,11 +244,11 @@ def _on_source_error(spec: Spec, history: History) -> Decision:
     """Hold the replicas, then use fallbackReplicas after repeated failures."""
     errors = history.source_errors + 1
     memory = dataclasses.replace(history, source_errors=errors)
-    current = history.current_replicas
+    high = max(spec.min_replicas, spec.max_replicas)
+    current = _clamp(history.current_replicas, spec.min_replicas, high)  # spec edits still apply
     if spec.fallback_replicas is None or errors < spec.errors_before_fallback:
         return Decision(current, Reason.SOURCE_ERROR_HOLD,
                         f"queue read failed {errors} time(s) in a row; holding {current} replicas", memory)
-    high = max(spec.min_replicas, spec.max_replicas)
     fallback = _clamp(spec.fallback_replicas, spec.min_replicas, high)
     return Decision(fallback, Reason.FALLBACK,
                     f"queue read failed {errors} times in a row; using fallbackReplicas {fallback}", memory)

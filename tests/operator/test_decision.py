@@ -117,6 +117,8 @@ CASES = [
     ("fallback-clamped", None, spec(fallback_replicas=60), history(2, errors=5), {}, 10, Reason.FALLBACK),
     ("fallback-to-zero", None, spec(fallback_replicas=0), history(2, errors=5), {}, 0, Reason.FALLBACK),
     ("no-fallback-holds", None, spec(), history(3, errors=50), {}, 3, Reason.SOURCE_ERROR_HOLD),
+    ("hold-within-new-max", None, spec(max_replicas=2), history(5), {}, 2, Reason.SOURCE_ERROR_HOLD),
+    ("hold-within-new-min", None, spec(min_replicas=4), history(1), {}, 4, Reason.SOURCE_ERROR_HOLD),
 ]
 
 
