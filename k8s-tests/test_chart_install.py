@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(420)
 
 # Everything the chart can create in a namespace; after uninstall none of it may remain.
 NAMESPACED_KINDS = (
-    "deployments.apps,replicasets.apps,pods,services,configmaps,secrets,serviceaccounts,"
+    "deployments.apps,replicasets.apps,jobs.batch,pods,services,configmaps,secrets,serviceaccounts,"
     "roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,"
     "poddisruptionbudgets.policy,horizontalpodautoscalers.autoscaling,"
     "networkpolicies.networking.k8s.io,ingresses.networking.k8s.io,queuescalers.chatq.io"

@@ -60,6 +60,11 @@ def test_defaults_render_the_expected_objects(tools: Tools) -> None:
             "Role/chatq-operator",
             "RoleBinding/chatq-operator",
             "Pod/chatq-test-ask",
+            # the pre-delete hook that lets the operator release the QueueScaler first
+            "ServiceAccount/chatq-cleanup",
+            "Role/chatq-cleanup",
+            "RoleBinding/chatq-cleanup",
+            "Job/chatq-cleanup",
         ]
     )
 
@@ -140,7 +145,7 @@ def test_latest_is_refused(tools: Tools) -> None:
 
 def test_hardening_of_every_chatq_pod(tools: Tools) -> None:
     objs = tools.template(values=merged(REDIS, {"dev": {"enabled": True}}))
-    for obj in [*all_of(objs, "Deployment"), *all_of(objs, "Pod")]:
+    for obj in [*all_of(objs, "Deployment"), *all_of(objs, "Pod"), *all_of(objs, "Job")]:
         name = obj["metadata"]["name"]
         spec = pod_spec(obj)
         assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -153,10 +158,8 @@ def test_hardening_of_every_chatq_pod(tools: Tools) -> None:
             assert c["resources"]["requests"]["memory"], name
             assert c["resources"]["limits"]["memory"], name
             assert not c["image"].endswith(":latest"), name
-        if labels(obj)["app.kubernetes.io/component"] == "operator":
-            assert spec.get("automountServiceAccountToken", True) is True, (
-                "the operator talks to the API server"
-            )
+        if labels(obj)["app.kubernetes.io/component"] in {"operator", "cleanup"}:
+            assert spec.get("automountServiceAccountToken", True) is True, f"{name} talks to the API server"
         else:
             assert spec["automountServiceAccountToken"] is False, f"{name} needs no Kubernetes API token"
 
@@ -607,3 +610,34 @@ def test_helm_test_pod_asks_through_the_api_service(tools: Tools) -> None:
     assert env(pod)["CHATQ_API_KEY"] == {"secretKeyRef": {"name": "k", "key": "plain"}}
     assert pod["spec"]["restartPolicy"] == "Never"
     assert not all_of(tools.template(values=merged(REDIS, {"tests": {"enabled": False}})), "Pod")
+
+
+def test_uninstall_hook_releases_queuescalers_before_the_operator_goes(tools: Tools) -> None:
+    objs = tools.template(values=REDIS, namespace="team-a")
+    job = find(objs, "Job", "chatq-cleanup")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+    hook = container(job)
+    assert hook["image"] == f"chatq-worker:{APP_VERSION}" and hook["command"] == ["python", "-c"]
+    assert "delete_namespaced_custom_object" in hook["args"][0]
+    assert env(job) == {
+        "RELEASE_NAMESPACE": "team-a",
+        "RELEASE_SELECTOR": "app.kubernetes.io/instance=chatq,app.kubernetes.io/name=chatq",
+    }
+    assert pod_spec(job)["serviceAccountName"] == "chatq-cleanup"
+    role = find(objs, "Role", "chatq-cleanup")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["chatq.io"],
+            "resources": ["queuescalers"],
+            "verbs": ["get", "list", "watch", "delete"],
+        }
+    ]
+    for obj in (
+        role,
+        find(objs, "RoleBinding", "chatq-cleanup"),
+        find(objs, "ServiceAccount", "chatq-cleanup"),
+    ):
+        assert obj["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
+        assert "hook-succeeded" in obj["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
+    fixed = tools.template(values=merged(REDIS, {"worker": {"queueScaler": {"enabled": False}}}))
+    assert not all_of(fixed, "Job"), "no QueueScaler, no hook"
