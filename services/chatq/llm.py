@@ -96,6 +96,8 @@ class Llm:
             max_retries=0,  # retries are ours: they honour retry-after and count attempts
             timeout=settings.llm.timeout_seconds,
         )
+        # The SDK imports its resources on first use; do it now, not in the first job.
+        self._completions = self.client.chat.completions
 
     async def close(self) -> None:
         """Close the HTTP connections."""
@@ -115,7 +117,7 @@ class Llm:
         try:
             async with asyncio.timeout(self.cfg.timeout_seconds):
                 # The SDK's overloads want TypedDict messages; ours are plain dicts of them.
-                stream = await self.client.chat.completions.create(  # type: ignore[call-overload]
+                stream = await self._completions.create(  # type: ignore[call-overload]
                     model=model, messages=request.chat_messages(),
                     stream=True, stream_options={"include_usage": True}, **kwargs)
                 async for chunk in stream:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Deltas are written at most this often per job, so a fast model is not one Redis call
 # per token.
-DELTA_FLUSH_SECONDS = 0.05
+DELTA_FLUSH_SECONDS = 0.1
 
 
 def default_worker_id() -> str:
