@@ -19,6 +19,8 @@ import sys
 
 import kopf
 
+from chatq import telemetry
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m chatq_operator", description=__doc__.split("\n\n")[0])
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port is not None:
         os.environ["CHATQ_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
     kopf.configure(verbose=args.verbose)
+    # OTLP traces of the Kubernetes and queue calls when OTEL_* asks for them; off otherwise.
+    telemetry.start_tracing("chatq-operator")
     from chatq_operator import handlers  # registers the handlers with kopf
 
     del handlers
