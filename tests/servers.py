@@ -133,7 +133,8 @@ def elasticmq_server(port: int | None = None) -> Iterator[Server]:
         conf.write_text(
             'include classpath("application.conf")\n'
             f'node-address {{ protocol = http, host = "127.0.0.1", port = {port}, context-path = "" }}\n'
-            f'rest-sqs {{ enabled = true, bind-port = {port}, bind-hostname = "127.0.0.1", sqs-limits = strict }}\n'
+            f'rest-sqs {{ enabled = true, bind-port = {port}, bind-hostname = "127.0.0.1",'
+            ' sqs-limits = strict }\n'
             "rest-stats { enabled = false }\n"
         )
         log = Path(tmp) / "elasticmq.log"

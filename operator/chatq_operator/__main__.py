@@ -18,7 +18,6 @@ import os
 import sys
 
 import kopf
-
 from chatq import telemetry
 
 
