@@ -641,3 +641,14 @@ def test_uninstall_hook_releases_queuescalers_before_the_operator_goes(tools: To
         assert "hook-succeeded" in obj["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
     fixed = tools.template(values=merged(REDIS, {"worker": {"queueScaler": {"enabled": False}}}))
     assert not all_of(fixed, "Job"), "no QueueScaler, no hook"
+
+
+def test_prometheus_rule_with_the_alerts(tools: Tools) -> None:
+    objs = tools.template(
+        values=merged(REDIS, {"metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "kps"}}}})
+    )
+    rule = find(objs, "PrometheusRule", "chatq")
+    assert labels(rule)["release"] == "kps"
+    alerts = yaml.safe_load((CHART / "dashboards" / "chatq-alerts.yaml").read_text())
+    assert rule["spec"] == alerts and alerts["groups"][0]["rules"]
+    assert not all_of(tools.template(values=REDIS), "PrometheusRule")

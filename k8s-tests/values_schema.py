@@ -378,6 +378,12 @@ def build() -> Schema:
                 {
                     "serviceMonitor": monitor,
                     "podMonitor": monitor,
+                    "prometheusRule": closed(
+                        {
+                            "enabled": boolean("A PrometheusRule with chatq's alerts."),
+                            "labels": string_map("Labels."),
+                        }
+                    ),
                     "dashboard": closed(
                         {
                             "enabled": boolean(),
