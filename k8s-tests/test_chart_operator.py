@@ -138,6 +138,8 @@ def test_operator_scales_the_chart_workers_with_its_own_service_account(
             }
         },
         "tests": {"enabled": False},
+        # The operator under test runs here, as a process; none in the cluster (on kind one would).
+        "operator": {"replicaCount": 0},
     }
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
