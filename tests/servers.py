@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +31,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check: object, what: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
-             log: Path | None = None) -> None:
+def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0,
+             proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
     """Call `check()` until it returns truthy; fail with what we waited for and the log."""
     deadline = time.monotonic() + timeout
-    assert callable(check)
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text(errors="replace")[-3000:] if log else ""

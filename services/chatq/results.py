@@ -346,7 +346,6 @@ class DoneWaiter:
         self.redis = client
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
 
     async def start(self) -> None:
         """Subscribe in the background (reconnecting as needed)."""
@@ -364,11 +363,9 @@ class DoneWaiter:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(DONE_CHANNEL)
-                self._subscribed.set()
                 async for message in pubsub.listen():
                     self._wake(str(message["data"]))
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-                self._subscribed.clear()
                 # Redis went away: long-polls re-read the record when they time out.
                 await asyncio.sleep(1.0)
             finally:
