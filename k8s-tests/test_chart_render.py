@@ -187,6 +187,8 @@ def test_worker_outlives_its_grace_and_knows_its_pod_name(tools: Tools) -> None:
     assert pod_spec(worker)["terminationGracePeriodSeconds"] > grace >= 120
     assert env(worker)["CHATQ_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env(worker)["CHATQ_TELEMETRY_METRICS_PORT"] == "9100"
+    # Probes and scrapes come from outside the pod: loopback would fail them all.
+    assert env(worker)["CHATQ_TELEMETRY_METRICS_HOST"] == "0.0.0.0"
     stderr = render_fails(
         tools, merged(REDIS, {"worker": {"graceSeconds": 200, "terminationGracePeriodSeconds": 150}})
     )

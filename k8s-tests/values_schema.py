@@ -26,7 +26,7 @@ MANAGED = {
     "redis": {"url"},
     "llm": {"base_url", "api_key", "model"},
     "llmsim": {"host", "port"},
-    "telemetry": {"metrics_port"},
+    "telemetry": {"metrics_host", "metrics_port"},
 }
 
 Schema = dict[str, Any]

@@ -63,7 +63,7 @@ def cmd_worker(settings: settings_mod.Settings) -> None:
 
     telemetry.setup(settings, "chatq-worker")
     port = settings.telemetry.metrics_port or 9100
-    prometheus_client.start_http_server(port, addr=settings.api.host)
+    prometheus_client.start_http_server(port, addr=settings.telemetry.metrics_host)
     try:
         import uvloop
 
@@ -176,7 +176,7 @@ def _start_chatq(settings: settings_mod.Settings, children: _Children) -> str:
     _say(f"starting the api at {api_url}...")
     _wait_http(f"{api_url}/readyz", children.start("api", [*me, "api"]), "the api")
     _say(f"starting a worker (concurrency {settings.worker.concurrency})...")
-    metrics = f"http://{settings.api.host}:{settings.telemetry.metrics_port or 9100}/healthz"
+    metrics = f"http://{settings.telemetry.metrics_host}:{settings.telemetry.metrics_port or 9100}/healthz"
     _wait_http(metrics, children.start("worker", [*me, "worker"]), "the worker")
     return api_url
 

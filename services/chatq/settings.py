@@ -147,6 +147,9 @@ class LlmsimSettings(_Group):
 class TelemetrySettings(_Group):
     """Metrics and traces; OTLP export itself is configured by the standard OTEL_* vars."""
 
+    metrics_host: str = "127.0.0.1"
+    """Address the worker's /metrics and /healthz server binds to; `0.0.0.0` in containers,
+    so probes and Prometheus reach it. Default 127.0.0.1."""
     metrics_port: int = 0
     """Port of the worker's /metrics server; 0 means 9100 for the worker. Default 0."""
     capture_content: bool = False

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import urllib.request
+import uuid
 from typing import Any
 
 import pytest
 
 from tests.containers.conftest import run
+from tests.servers import free_port, http_ok, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -63,3 +66,18 @@ def test_worker_image_carries_the_operator(chatq_images: dict[str, str]) -> None
     run([*python, "-c", "import kopf, kubernetes"])
     out = run([*python, "-m", "chatq_operator", "--help"]).stdout
     assert "QueueScaler" in out, out
+
+
+def test_worker_metrics_are_reachable_from_outside(chatq_images: dict[str, str]) -> None:
+    # Probes and Prometheus come from outside the container: a loopback bind would fail them.
+    port = free_port()
+    name = f"chatq-metrics-{uuid.uuid4().hex[:8]}"
+    run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:9100",
+         "-e", "CHATQ_REDIS_URL=redis://127.0.0.1:1/0", chatq_images["worker"]])
+    try:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/metrics"),
+                 "the worker's /metrics through a published port", 30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert b"chatq_worker_concurrency" in resp.read()
+    finally:
+        run(["docker", "rm", "-f", name], check=False)
