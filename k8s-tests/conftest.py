@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import controlplane
 import pytest
@@ -36,12 +36,15 @@ CHART = REPO / "charts" / "chatq"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def missing(what: str) -> None:
+def unavailable(message: str) -> NoReturn:
     """Skip (locally) or fail (in CI) because a prerequisite is missing."""
-    message = f"{what}; run scripts/setup-k8s (it builds and caches the k8s tools)"
     if IN_CI:
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def missing(what: str) -> NoReturn:
+    unavailable(f"{what}; run scripts/setup-k8s (it builds and caches the k8s tools)")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from conftest import CHART, IN_CI, REPO, Kube
+from conftest import CHART, REPO, Kube, unavailable
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,10 +34,7 @@ from tests import servers  # noqa: E402
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     if shutil.which("redis-server") is None:
-        message = "redis-server is not installed; run scripts/setup (it installs Debian's redis-server)"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("redis-server is not installed; run scripts/setup (it installs Debian's redis-server)")
     with servers.redis_server() as server:
         yield server.url
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHART, IN_CI, REPO, Tools
+from conftest import CHART, REPO, Tools, missing
 
 STACK = REPO / "charts" / "chatq-stack"
 
@@ -17,10 +17,7 @@ STACK = REPO / "charts" / "chatq-stack"
 def need(tools: Tools, binary: str) -> Path:
     path = tools.bin / binary
     if not path.exists():
-        message = f"{binary} is missing; run scripts/setup-k8s"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        missing(f"{binary} is missing")
     return path
 
 
@@ -57,10 +54,7 @@ def test_helm_unittest_suites(tools: Tools) -> None:
     assert len(suites) >= 4, "charts/chatq/tests holds the helm-unittest suites"
     plugins = Path(tools.env["HELM_PLUGINS"])
     if not (plugins / "helm-unittest").exists() and not any(plugins.glob("*/plugin.yaml")):
-        message = f"the helm-unittest plugin is not installed in {plugins}; run scripts/setup-k8s"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        missing(f"the helm-unittest plugin is not installed in {plugins}")
     out = tools.helm("unittest", "--strict", "--color=false", CHART, timeout=300).stdout
     assert f"Test Suites: {len(suites)} passed, {len(suites)} total" in out, out
     assert "failed" not in out.split("Test Suites:")[1].split("\n")[1], out

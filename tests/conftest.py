@@ -6,7 +6,6 @@ everything started is stopped when the test ends.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,11 +20,7 @@ BACKENDS = ["redis", "sqs"]
 
 
 def _require(what: str, exc: Exception) -> None:
-    """Outside CI a missing server skips (saying why); in CI it fails."""
-    message = f"{what} is not available ({exc}); run scripts/setup --elasticmq"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    servers.unavailable(f"{what} is not available ({exc}); run scripts/setup --elasticmq")
 
 
 @pytest.fixture

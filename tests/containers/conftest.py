@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from tests import servers
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("CHATQ_BASE_IMAGE", "chatq-base/python:3.11-bookworm")
 LOCAL_IMAGES = ["chatq-ci/nginx:local", "chatq-ci/redis:local", "chatq-ci/elasticmq:local"]
@@ -38,13 +40,9 @@ REPORT: dict[str, str] = {}
 
 def _unavailable(message: str) -> None:
     """Outside CI a missing prerequisite skips (saying why); in CI it fails."""
-    message += (
+    servers.unavailable(message + (
         "; run scripts/setup-docker (it installs Debian's docker.io, starts dockerd"
-        " and builds the local base images)"
-    )
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+        " and builds the local base images)"))
 
 
 def run(
