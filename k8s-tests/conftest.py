@@ -219,3 +219,11 @@ def scratch() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="chatq-k8s-tests-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def crd(kube: Kube) -> None:
+    """The QueueScaler CRD, installed and established (tests must not rely on run order)."""
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                 CHART / "crds" / "queuescalers.chatq.io.yaml")
+    kube.kubectl("wait", "--for=condition=Established", "crd/queuescalers.chatq.io", "--timeout=60s")

@@ -83,18 +83,8 @@ def operator_process(
 
 def run_cleanup_hook(kube: Kube, namespace: str, tmp_path: Path) -> str:
     """The chart's pre-delete hook script, with the hook's own ServiceAccount and Role."""
-    rendered = kube.helm(
-        "template",
-        "chatq",
-        CHART,
-        "-n",
-        namespace,
-        "--set",
-        "redis.url=redis://r:6379/0",
-        "--show-only",
-        "templates/operator-cleanup-hook.yaml",
-    ).stdout
-    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    objects = kube.template("--show-only", "templates/operator-cleanup-hook.yaml",
+                            namespace=namespace, values={"redis": {"url": "redis://r:6379/0"}})
     job = next(o for o in objects if o["kind"] == "Job")
     access = [o for o in objects if o["kind"] != "Job"]
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(access))

@@ -8,9 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import CHART, Kube
-
-CRD = CHART / "crds" / "queuescalers.chatq.io.yaml"
+from conftest import Kube
 
 GOOD: dict[str, Any] = {
     "apiVersion": "chatq.io/v1alpha1",
@@ -23,12 +21,6 @@ GOOD: dict[str, Any] = {
         "maxReplicas": 5,
     },
 }
-
-
-@pytest.fixture(scope="module")
-def crd(kube: Kube) -> None:
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", CRD)
-    kube.kubectl("wait", "--for=condition=Established", "crd/queuescalers.chatq.io", "--timeout=60s")
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:

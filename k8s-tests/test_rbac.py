@@ -5,7 +5,8 @@ ServiceAccount can do nothing at all."""
 from __future__ import annotations
 
 import pytest
-from conftest import CHART, Kube
+import yaml
+from conftest import Kube
 
 # (verb, resource, subresource): what the operator does.
 ALLOWED = [
@@ -56,22 +57,13 @@ CLUSTER_DENIED = [
 
 
 @pytest.fixture
-def installed(kube: Kube, namespace: str) -> str:
-    """The chart's ServiceAccounts, Role and RoleBinding, applied as rendered."""
-    rendered = kube.helm(
-        "template",
-        "chatq",
-        CHART,
-        "-n",
-        namespace,
-        "--set",
-        "redis.url=redis://r:6379/0",
-        "--show-only",
-        "templates/operator-rbac.yaml",
-        "--show-only",
-        "templates/serviceaccount.yaml",
-    ).stdout
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input=rendered)
+def installed(kube: Kube, namespace: str, crd: None) -> str:
+    """The chart's ServiceAccounts, Role and RoleBinding, applied as rendered (with the CRD,
+    so `can-i` knows the queuescalers resource)."""
+    objects = kube.template("--show-only", "templates/operator-rbac.yaml",
+                            "--show-only", "templates/serviceaccount.yaml",
+                            namespace=namespace, values={"redis": {"url": "redis://r:6379/0"}})
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(objects))
     return namespace
 
 
