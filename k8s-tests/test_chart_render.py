@@ -297,6 +297,20 @@ def test_dev_with_sqs_runs_elasticmq(tools: Tools) -> None:
     }
 
 
+@pytest.mark.parametrize("backend", ["redis", "sqs"])
+def test_no_pod_gets_service_link_variables(tools: Tools, backend: str) -> None:
+    # Kubernetes puts CHATQ_API_PORT=tcp://... and friends into every pod for each Service
+    # named chatq-...; chatq reads CHATQ_* as settings, so no pod of the chart may get them.
+    values = {"dev": {"enabled": True}, "queue": {"backend": backend}}
+    objs = tools.template(values=values)
+    pods = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job", "Pod")]
+    assert len(pods) >= 7, kinds(pods)  # api, worker, operator, redis/elasticmq, llmsim, hooks
+    specs = {f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["spec"] if o["kind"] == "Job"
+             else pod_spec(o) for o in pods}
+    missing = [name for name, spec in specs.items() if spec.get("enableServiceLinks") is not False]
+    assert not missing, f"these pods would get Kubernetes service-link variables: {missing}"
+
+
 def test_sqs_in_production_with_irsa(tools: Tools) -> None:
     url = "https://sqs.eu-west-1.amazonaws.com/123456789012/chatq-jobs"
     role = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/chatq"}

@@ -7,13 +7,50 @@ point (`chatq.cli`) and passed down; nothing reads the environment at import tim
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 #: The model name llmsim answers to; also what chatq asks for when it falls back to llmsim.
 SIMULATOR_MODEL = "chatq-sim-1"
+
+
+#: Names Kubernetes gives its service-link variables for a Service `chatq-<x>`:
+#: CHATQ_<X>_SERVICE_HOST, CHATQ_<X>_SERVICE_PORT[_<port name>],
+#: CHATQ_<X>_PORT_<n>_<proto>[_PROTO|_PORT|_ADDR]; CHATQ_<X>_PORT itself is told by its value.
+_SERVICE_LINK_NAME = re.compile(
+    r"^chatq_(?:\w+_)?(?:service_host|service_port(?:_\w+)?|port_\d+_(?:tcp|udp|sctp)(?:_proto|_port|_addr)?)$",
+    re.IGNORECASE,
+)
+_SERVICE_LINK_VALUE = re.compile(r"^(?:tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def is_service_link(name: str, value: str | None) -> bool:
+    """True for a variable Kubernetes made from a Service named `chatq-...` (enableServiceLinks).
+
+    Every pod gets such variables for each Service in its namespace, so a Service `chatq-api`
+    sets CHATQ_API_PORT=tcp://10.96.0.7:8000, which would otherwise be read as the API port.
+    No setting of ours has such a name, or such a value.
+    """
+    if _SERVICE_LINK_NAME.match(name):
+        return True
+    return name.lower().endswith("_port") and bool(_SERVICE_LINK_VALUE.match(value or ""))
+
+
+class _EnvWithoutServiceLinks(EnvSettingsSource):
+    """The environment as pydantic-settings reads it, less Kubernetes' service-link variables."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        return {k: v for k, v in env.items() if not is_service_link(k, v)}
 
 
 class _Group(BaseModel):
@@ -184,6 +221,18 @@ class Settings(BaseSettings):
     llmsim: LlmsimSettings = LlmsimSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Read the environment without Kubernetes' service-link variables (see is_service_link)."""
+        return init_settings, _EnvWithoutServiceLinks(settings_cls), dotenv_settings, file_secret_settings
 
     @property
     def uses_simulator(self) -> bool:

@@ -64,3 +64,62 @@ def test_readme_settings_table_is_current() -> None:
     table = readme[begin:readme.index("<!-- settings:end -->")].strip()
     assert table == settings_mod.markdown_table(), (
         "the README's settings table is stale: paste in `python -m chatq.settings`")
+
+
+def service_links(service: str, ip: str, port: int, port_name: str = "http") -> dict[str, str]:
+    """The variables Kubernetes puts into every pod for one Service (enableServiceLinks)."""
+    p = service.upper().replace("-", "_")
+    url = f"tcp://{ip}:{port}"
+    return {
+        f"{p}_SERVICE_HOST": ip, f"{p}_SERVICE_PORT": str(port),
+        f"{p}_SERVICE_PORT_{port_name.upper().replace('-', '_')}": str(port),
+        f"{p}_PORT": url, f"{p}_PORT_{port}_TCP": url, f"{p}_PORT_{port}_TCP_PROTO": "tcp",
+        f"{p}_PORT_{port}_TCP_PORT": str(port), f"{p}_PORT_{port}_TCP_ADDR": ip,
+    }
+
+
+def test_kubernetes_service_links_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Services a release of the chart (and a user's own `chatq-...` Services) make.
+    links = {
+        **service_links("chatq-api", "10.96.0.7", 8000),
+        **service_links("chatq-redis", "10.96.0.8", 6379, "redis"),
+        **service_links("chatq-llmsim", "10.96.0.9", 8100),
+        **service_links("chatq-worker-metrics", "10.96.0.10", 9100, "metrics"),
+        **service_links("chatq-queue", "10.96.0.11", 9324),
+        **service_links("chatq-log", "10.96.0.12", 3100),
+        **service_links("chatq", "10.96.0.13", 80),
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CHATQ_LLMSIM_PORT", "8101")  # an explicit setting still wins
+    monkeypatch.setenv("CHATQ_LLMSIM_HOST", "chatq-llmsim")
+    s = settings_mod.Settings()
+    assert s.api.port == 8000 and s.api.host == "127.0.0.1"
+    assert (s.llmsim.host, s.llmsim.port) == ("chatq-llmsim", 8101)
+    assert s.redis.url == "redis://localhost:6379/0"
+
+
+@pytest.mark.parametrize(("name", "value", "link"), [
+    ("CHATQ_API_SERVICE_HOST", "10.96.0.7", True),
+    ("CHATQ_API_SERVICE_PORT", "8000", True),
+    ("CHATQ_API_SERVICE_PORT_HTTP", "8000", True),
+    ("CHATQ_WORKER_METRICS_SERVICE_PORT_METRICS", "9100", True),
+    ("CHATQ_API_PORT", "tcp://10.96.0.7:8000", True),
+    ("CHATQ_REDIS_PORT", "tcp://10.96.0.8:6379", True),
+    ("CHATQ_LLMSIM_PORT", "udp://10.96.0.9:53", True),
+    ("CHATQ_API_PORT_8000_TCP", "tcp://10.96.0.7:8000", True),
+    ("CHATQ_API_PORT_8000_TCP_ADDR", "10.96.0.7", True),
+    ("CHATQ_API_PORT_8000_TCP_PORT", "8000", True),
+    ("CHATQ_API_PORT_8000_TCP_PROTO", "tcp", True),
+    ("CHATQ_DNS_PORT_53_UDP_ADDR", "10.96.0.10", True),
+    ("chatq_api_service_host", "10.96.0.7", True),  # pydantic-settings lowercases names
+    ("CHATQ_API_PORT", "8000", False),
+    ("CHATQ_LLMSIM_PORT", "8100", False),
+    ("CHATQ_TELEMETRY_METRICS_PORT", "9100", False),
+    ("CHATQ_API_HOST", "0.0.0.0", False),
+    ("CHATQ_REDIS_URL", "redis://chatq-redis:6379/0", False),
+    ("CHATQ_QUEUE_ENDPOINT", "http://chatq-elasticmq:9324", False),
+    ("CHATQ_API_PORT", "", False),
+])
+def test_is_service_link(name: str, value: str, link: bool) -> None:
+    assert settings_mod.is_service_link(name, value) is link
