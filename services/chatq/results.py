@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DONE_CHANNEL = "chatq:done"
 TERMINAL = tuple(s.value for s in jobs.Status if s.terminal)
-JSON_FIELDS = ("error", "usage", "metadata", "request")
+JSON_FIELDS = ("error", "usage", "metadata", "request", "view")
 FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
 
 
@@ -206,8 +206,10 @@ class Store:
 
     @translate_errors
     async def create(self, job_id: str, owner: str, request: jobs.ChatRequest, model: str,
-                     simulated: bool) -> dict[str, Any]:
-        """Write a new queued job record; returns it."""
+                     simulated: bool, kind: str = "chat",
+                     view: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write a new queued job record; returns it. `kind` names the API that shows it
+        (chat, response), `view` holds what only that API's view needs."""
         now = time.time()
         fields = {
             "id": job_id,
@@ -219,7 +221,10 @@ class Store:
             "attempts": 0,
             "request": request.model_dump_json(exclude_none=True),
             "simulated": "1" if simulated and not request.model else "0",
+            "kind": kind,
         }
+        if view:
+            fields["view"] = json.dumps(view)
         if request.metadata:
             fields["metadata"] = json.dumps(request.metadata)
         # No MULTI: a fresh id has no readers yet, and one round trip is what matters here.
@@ -261,6 +266,13 @@ class Store:
         """Cancel unless terminal; returns the status after the call ('missing' if none)."""
         return str(await self._cancel(keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL],
                                       args=[self.ttl, job_id]))
+
+    @translate_errors
+    async def delete(self, job_id: str) -> None:
+        """Remove a job for good: cancelled first (so a worker stops and webhooks tell), then
+        its record and events deleted; a worker still holding it finds it missing."""
+        await self.cancel(job_id)
+        await self.redis.delete(job_key(job_id), events_key(job_id))
 
     @translate_errors
     async def read_events(self, job_id: str, after: str, block_ms: int,

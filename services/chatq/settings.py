@@ -73,6 +73,9 @@ class ApiSettings(_Group):
     """Largest accepted request body in bytes; larger gets 413. Default 65536."""
     max_wait_seconds: float = 60.0
     """Upper bound of `?wait=` long-polls, in seconds. Default 60."""
+    response_wait_seconds: float = 600.0
+    """How long `POST /v1/responses` without `background` waits for the answer before it
+    returns the response as it stands (status `in_progress`), in seconds. Default 600."""
     public_url: str = ""
     """Base URL used in `Location` headers when behind a proxy; empty means relative."""
 

@@ -16,8 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatq import errors, metrics, results, telemetry
 from chatq import settings as settings_mod
-from chatq.api import deps
-from chatq.api.routes import chat, health
+from chatq.api import deps, openai_errors
+from chatq.api.routes import chat, health, responses
 from chatq.queues import open_queue
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,11 @@ _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
                 503: "unavailable"}
 
 
-def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-           ) -> JSONResponse:
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None,
+           path: str = "") -> JSONResponse:
+    """chatq's error shape, or OpenAI's on the routes that speak its protocol."""
+    if openai_errors.is_openai_path(path):
+        return openai_errors.from_chatq(status, code, message, headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
                         headers=headers)
 
@@ -50,8 +53,8 @@ class LimitsAndMetrics:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _error(413, "too_large", f"the request body is over {self.max_body} bytes")(
-                scope, receive, send)
+            await _error(413, "too_large", f"the request body is over {self.max_body} bytes",
+                         path=scope.get("path", ""))(scope, receive, send)
             self._observe(scope, 413, 0.0)
             return
         seen = 0
@@ -102,31 +105,42 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail: Any = exc.detail
+        path = request.url.path
         if isinstance(detail, dict) and "code" in detail:
-            return _error(exc.status_code, detail["code"], detail["message"], exc.headers)
+            return _error(exc.status_code, detail["code"], detail["message"], exc.headers, path)
         return _error(exc.status_code, _ERROR_CODES.get(exc.status_code, "error"), str(detail),
-                      exc.headers)
+                      exc.headers, path)
+
+    @app.exception_handler(openai_errors.OpenAIError)
+    async def openai_error(_: Request, exc: openai_errors.OpenAIError) -> JSONResponse:
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(*_validation_message(exc))
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, code, message = _validation_message(exc)
+        if openai_errors.is_openai_path(request.url.path):
+            # OpenAI answers a bad parameter with 400 (the SDKs' BadRequestError), not 422.
+            status = 400
+        return _error(status, code, message, path=request.url.path)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, _: BodyTooLarge) -> JSONResponse:
         limit = request.app.state.settings.api.max_body_bytes
-        return _error(413, "too_large", f"the request body is over {limit} bytes")
+        return _error(413, "too_large", f"the request body is over {limit} bytes",
+                      path=request.url.path)
 
     @app.exception_handler(errors.StoreUnavailable)
-    async def unavailable(_: Request, exc: errors.StoreUnavailable) -> JSONResponse:
+    async def unavailable(request: Request, exc: errors.StoreUnavailable) -> JSONResponse:
         return _error(503, "store_unavailable", f"chatq cannot reach its store: {exc}",
-                      {"Retry-After": "1"})
+                      {"Retry-After": "1"}, request.url.path)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return _error(500, "internal", "internal error; the server log has the details")
+        return _error(500, "internal", "internal error; the server log has the details",
+                      path=request.url.path)
 
 
 @asynccontextmanager
@@ -168,6 +182,8 @@ def create_app(settings: settings_mod.Settings) -> FastAPI:
     app.state.key_hashes = deps.parse_keys(settings.api.keys)
     app.include_router(chat.router)
     app.include_router(chat.aliases)
+    app.include_router(chat.seed)
+    app.include_router(responses.router)
     app.include_router(health.router)
     _install_error_handlers(app)
     app.add_middleware(LimitsAndMetrics, max_body=settings.api.max_body_bytes)

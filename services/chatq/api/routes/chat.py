@@ -12,13 +12,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from chatq import errors, jobs, metrics, results, telemetry
 from chatq.api.deps import OwnerDep, Services, ServicesDep, api_error
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 aliases = APIRouter(tags=["seed aliases"])
+seed = APIRouter(tags=["seed routes"])
 
 JobId = Annotated[str, Path(description="The job id from POST /v1/chat.", max_length=64)]
 _EVENT_ID = re.compile(r"^\d+-\d+$")
@@ -97,7 +98,7 @@ async def create_chat(
             return await _replay(svc, response, owner, idempotency_key, body, *earlier)
     record = await svc.store.create(job_id, owner, body, settings.llm_model,
                                     settings.uses_simulator)
-    await _enqueue(svc, job_id, owner, idempotency_key or "")
+    await enqueue(svc, job_id, owner, idempotency_key or "")
     response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
     return {"id": job_id, "status": record["status"], "created_at": _iso(record["created_at"])}
 
@@ -113,7 +114,8 @@ async def _replay(svc: Services, response: Response, owner: str, key: str,
     return {"id": earlier_id, "status": record["status"], "created_at": _iso(record["created_at"])}
 
 
-async def _enqueue(svc: Services, job_id: str, owner: str, idem_key: str) -> None:
+async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") -> None:
+    """Put a created job on the queue, or take its record back and answer 503."""
     queue = svc.queue
     try:
         await svc.ensure_queue()
@@ -139,12 +141,13 @@ async def get_chat(
     record = await load_owned(svc.store, job_id, owner)
     wait = min(wait, svc.settings.api.max_wait_seconds)
     if wait > 0 and not jobs.Status(record["status"]).terminal:
-        record = await _wait_terminal(svc, job_id, record, wait)
+        record = await wait_terminal(svc, job_id, record, wait)
     return public_job(record)
 
 
-async def _wait_terminal(svc: Services, job_id: str, record: dict[str, Any],
-                         wait: float) -> dict[str, Any]:
+async def wait_terminal(svc: Services, job_id: str, record: dict[str, Any],
+                        wait: float) -> dict[str, Any]:
+    """The record once terminal, or as it stands after `wait` seconds."""
     deadline = time.monotonic() + wait
     async with svc.waiter.watch(job_id) as done:
         while not jobs.Status(record["status"]).terminal:
@@ -216,3 +219,24 @@ aliases.add_api_route("/chat", create_chat, methods=["POST"], status_code=202,
                       response_model=JobCreated, summary="Alias of POST /v1/chat", deprecated=True)
 aliases.add_api_route("/result/{job_id}", get_chat, methods=["GET"], response_model=Job,
                       summary="Alias of GET /v1/chat/{id}", deprecated=True)
+
+
+class AnswerRequest(BaseModel):
+    """The body of `POST /answer`: the job id `POST /question` gave."""
+
+    model_config = {"extra": "forbid"}
+
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    wait: Annotated[float, Field(ge=0, le=3600)] = 0
+    """Seconds to wait for the job to finish, as `?wait=` on GET /v1/chat/{id}."""
+
+
+# The seed sqs_worker_exemple's sequence: post a question, later post a request for the
+# answer by job id.
+seed.add_api_route("/question", create_chat, methods=["POST"], status_code=202,
+                   response_model=JobCreated, summary="Post a question (as POST /v1/chat)")
+
+
+@seed.post("/answer", response_model=Job, summary="The answer by job id (as GET /v1/chat/{id})")
+async def post_answer(body: AnswerRequest, owner: OwnerDep, svc: ServicesDep) -> dict[str, Any]:
+    return await get_chat(body.id, owner, svc, wait=body.wait)

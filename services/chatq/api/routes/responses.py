@@ -1,0 +1,157 @@
+"""OpenAI's Responses API over chatq's jobs: create (background, stream, store), retrieve
+(and resume a stream with `starting_after`), cancel, delete. Errors take OpenAI's shape.
+
+The views and the event mapping are pure code in `chatq.responses`; these routes do the
+I/O: the record and the queue through the same helpers as `/v1/chat`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from chatq import jobs, results
+from chatq import responses as views
+from chatq.api.deps import OwnerDep, Services, ServicesDep
+from chatq.api.openai_errors import OpenAIError, not_found
+from chatq.api.routes import chat
+
+router = APIRouter(prefix="/v1/responses", tags=["responses (OpenAI)"])
+
+ResponseId = Annotated[str, Path(description="A response id, `resp_...`.", max_length=80)]
+SSE_KEEPALIVE_MS = 15_000
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _load(store: results.Store, response_id: str, owner: str) -> dict[str, Any]:
+    """The record behind a response id; 404 when unknown, expired, another key's, a chat job,
+    or created with store=false."""
+    job_id = views.job_id_of(response_id)
+    record = await store.get(job_id) if job_id else None
+    if (record is None or record.get("owner") != owner or record.get("kind") != views.KIND
+            or not (record.get("view") or {}).get("store", True)):
+        raise not_found("response", response_id)
+    return record
+
+
+@router.post("", summary="Create a response (background, stream, store)",
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def create_response(body: views.ResponseCreate, owner: OwnerDep,
+                          svc: ServicesDep) -> Any:
+    bad = views.unsupported_param(body)
+    if bad is not None:
+        raise OpenAIError(400, f"chatq does not implement the parameter '{bad}' of the "
+                               "Responses API (see the README, 'Use the OpenAI SDK')",
+                          param=bad, code="unsupported_parameter")
+    if body.background and not body.store:
+        raise OpenAIError(400, "background responses must be stored: drop store=false",
+                          param="store", code="invalid_parameter")
+    try:
+        request = views.to_chat_request(body)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), param="input", code="invalid_input") from None
+    job_id = jobs.new_job_id()
+    settings = svc.settings
+    record = await svc.store.create(job_id, owner, request, settings.llm_model,
+                                    settings.uses_simulator, kind=views.KIND,
+                                    view={"background": body.background, "store": body.store})
+    await chat.enqueue(svc, job_id, owner)
+    if body.stream:
+        return StreamingResponse(_stream(svc, record, -1, forget=not body.store),
+                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+    if not body.background:
+        record = await chat.wait_terminal(svc, job_id, record, settings.api.response_wait_seconds)
+        if not body.store and jobs.Status(record["status"]).terminal:
+            await svc.store.delete(job_id)
+    return JSONResponse(views.view(record))
+
+
+@router.get("/{response_id}", summary="A response; `stream=true` replays and follows its events",
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def get_response(
+    response_id: ResponseId, owner: OwnerDep, svc: ServicesDep,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=-1, description=(
+        "With stream=true: the sequence number after which events start."))] = -1,
+) -> Any:
+    record = await _load(svc.store, response_id, owner)
+    if stream:
+        return StreamingResponse(_stream(svc, record, starting_after), headers=_SSE_HEADERS,
+                                 media_type="text/event-stream")
+    return JSONResponse(views.view(record))
+
+
+@router.post("/{response_id}/cancel", summary="Cancel a queued or in-progress response")
+async def cancel_response(response_id: ResponseId, owner: OwnerDep,
+                          svc: ServicesDep) -> JSONResponse:
+    """Idempotent: a response that has already finished (completed, failed, incomplete or
+    cancelled) comes back unchanged, with its own status."""
+    record = await _load(svc.store, response_id, owner)
+    await svc.store.cancel(str(record["id"]))
+    return JSONResponse(views.view(await _load(svc.store, response_id, owner)))
+
+
+@router.delete("/{response_id}", summary="Delete a response (cancelling it if unfinished)")
+async def delete_response(response_id: ResponseId, owner: OwnerDep,
+                          svc: ServicesDep) -> JSONResponse:
+    record = await _load(svc.store, response_id, owner)
+    await svc.store.delete(str(record["id"]))
+    return JSONResponse(views.deleted(str(record["id"])))
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return (f"id: {event['sequence_number']}\nevent: {event['type']}\n"
+            f"data: {json.dumps(event, separators=(',', ':'))}\n\n").encode()
+
+
+async def _job_events(store: results.Store, job_id: str
+                     ) -> AsyncIterator[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(kind, data, terminal record) for each event of the job's Redis stream, following it
+    live; None as kind is a keep-alive tick. Ends after `done`, or when the job is gone."""
+    after, block = "0-0", 0
+    while True:
+        items = await store.read_events(job_id, after, block_ms=block)
+        if not items:
+            current = await store.get(job_id)
+            if current is None:
+                return  # deleted or expired: nothing more will come
+            if jobs.Status(current["status"]).terminal:
+                # The done event is written with the outcome, so it was trimmed with an
+                # expired stream: close with the outcome anyway.
+                yield "done", {}, current
+                return
+            if block:
+                yield "", {}, None
+            block = SSE_KEEPALIVE_MS
+            continue
+        for event_id, fields in items:
+            after = event_id
+            kind = fields.get("type", "")
+            final = await store.get(job_id) if kind == "done" else None
+            yield kind, json.loads(fields.get("data") or "{}"), final
+            if kind == "done":
+                return
+
+
+async def _stream(svc: Services, record: dict[str, Any], starting_after: int,
+                  forget: bool = False) -> AsyncIterator[bytes]:
+    """Every event of the response from the start, numbered, sent after `starting_after`."""
+    job_id = str(record["id"])
+    mapper = views.EventMapper(record)
+    try:
+        for event in mapper.opening():
+            if event["sequence_number"] > starting_after:
+                yield _sse(event)
+        async for kind, data, final in _job_events(svc.store, job_id):
+            if not kind:
+                yield b": keep-alive\n\n"
+            for event in mapper.feed(kind, data, final):
+                if event["sequence_number"] > starting_after:
+                    yield _sse(event)
+    finally:
+        if forget and mapper.finished:
+            await svc.store.delete(job_id)
