@@ -8,6 +8,7 @@ subcommand (api, worker, llmsim) as a real process and waits until it answers.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -189,3 +191,70 @@ def chatq_process(command: str, env: dict[str, str], *args: str, port_var: str =
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class Delivery:
+    """One request a WebhookReceiver got."""
+
+    path: str
+    headers: dict[str, str]
+    body: str
+    at: float
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that records what it is sent; it can be taken down and
+    brought back on the same port, and `redirects` maps a path to a 302 Location."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.deliveries: list[Delivery] = []
+        self.redirects: dict[str, str] = {}
+        self.status = 200
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._lock = threading.Lock()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> WebhookReceiver:
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                with receiver._lock:
+                    receiver.deliveries.append(Delivery(self.path, dict(self.headers.items()),
+                                                        body, time.time()))
+                target = receiver.redirects.get(self.path)
+                self.send_response(302 if target else receiver.status)
+                if target:
+                    self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening: deliveries now meet a refused connection."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def received(self, path: str | None = None) -> list[Delivery]:
+        with self._lock:
+            return [d for d in self.deliveries if path is None or d.path == path]
+
+    def __enter__(self) -> WebhookReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -7,6 +7,14 @@ Every Redis key chatq uses is named here:
 - `chatq:idem:<owner>:<key>` string: "<fingerprint> <job id>" for Idempotency-Key
 - `chatq:busy:<worker id>`  string: in-flight jobs of one worker, read by the operator
 - channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls)
+- `chatq:webhook:on`        string: set once any webhook endpoint exists; until then no
+                            webhook events are recorded
+- `chatq:webhook:events`    stream: one entry per terminal job (written atomically with the
+                            outcome) or other event (`emit`), read by the dispatchers' group
+- `chatq:webhook:endpoints:<owner>` hash: endpoint id -> endpoint JSON (made by the API)
+- `chatq:webhook:outbox`    sorted set: delivery id scored by its next attempt (unix s)
+- `chatq:webhook:delivery:<id>` hash: one event for one endpoint, its attempts and last error
+- `chatq:webhook:dead:<owner>` list: dead-lettered deliveries, newest first (bounded)
 
 The state changes that must be atomic (claim, renew, finish, cancel, hand back) are Lua
 scripts, so a job's answer is written once however often its message is delivered.
@@ -57,6 +65,28 @@ def busy_key(worker_id: str) -> str:
     return f"chatq:busy:{worker_id}"
 
 
+WEBHOOK_ON = "chatq:webhook:on"
+WEBHOOK_EVENTS = "chatq:webhook:events"
+WEBHOOK_OUTBOX = "chatq:webhook:outbox"
+#: Entries kept in the webhook event stream while no dispatcher reads it (memory bound).
+WEBHOOK_EVENTS_MAXLEN = 100_000
+
+
+def webhook_endpoints_key(owner: str) -> str:
+    """The endpoints one API key made through the API."""
+    return f"chatq:webhook:endpoints:{owner}"
+
+
+def webhook_delivery_key(delivery_id: str) -> str:
+    """One event on its way to one endpoint."""
+    return f"chatq:webhook:delivery:{delivery_id}"
+
+
+def webhook_dead_key(owner: str) -> str:
+    """The dead-lettered deliveries of one API key."""
+    return f"chatq:webhook:dead:{owner}"
+
+
 def connect(cfg: settings_mod.RedisSettings) -> aioredis.Redis:
     """A client whose pool makes callers wait (up to the timeout) rather than fail at the cap."""
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -83,6 +113,18 @@ def translate_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
 
     return wrapper
 
+
+# Lua (a fragment of _FINISH and _CANCEL): record a webhook event with the outcome, in the
+# same script, so an outcome is never written without its event. KEYS[4] the on-flag,
+# KEYS[5] the event stream; JOB and STATUS are Lua expressions.
+_WEBHOOK_EVENT = """
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 'EVENTS_MAXLEN', '*', 'job', JOB,
+    'owner', redis.call('HGET', KEYS[1], 'owner') or '',
+    'kind', redis.call('HGET', KEYS[1], 'kind') or 'chat', 'status', STATUS,
+    'finish_reason', redis.call('HGET', KEYS[1], 'finish_reason') or '', 'at', tostring(now))
+end
+""".replace("EVENTS_MAXLEN", str(WEBHOOK_EVENTS_MAXLEN))
 
 # Lua: take the job if it is not terminal and no live lease holds it.
 _CLAIM = """
@@ -133,6 +175,8 @@ redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[4])
+""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace(
+    "STATUS", "redis.call('HGET', KEYS[1], 'status')") + """
 return 'ok'
 """
 
@@ -149,6 +193,7 @@ redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', '{"status":"cancelled"}')
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
+""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[2]").replace("STATUS", "'cancelled'") + """
 return 'cancelled'
 """
 
@@ -264,8 +309,9 @@ class Store:
     @translate_errors
     async def cancel(self, job_id: str) -> str:
         """Cancel unless terminal; returns the status after the call ('missing' if none)."""
-        return str(await self._cancel(keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL],
-                                      args=[self.ttl, job_id]))
+        return str(await self._cancel(
+            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS],
+            args=[self.ttl, job_id]))
 
     @translate_errors
     async def delete(self, job_id: str) -> None:
@@ -337,7 +383,7 @@ class Store:
         done = {"status": status.value, "answer": answer or None, "error": error, "usage": usage}
         flat = [x for pair in fields.items() for x in pair]
         return str(await self._finish(
-            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL],
+            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS],
             args=[token, self.ttl, json.dumps(done), job_id, *flat]))
 
     @translate_errors

@@ -184,6 +184,33 @@ class LlmsimSettings(_Group):
     """The `retry-after` value of injected 429s, in seconds. Default 0.2."""
 
 
+class WebhookSettings(_Group):
+    """Signed webhooks (Standard Webhooks) when jobs end; delivered at least once."""
+
+    endpoints: str = ""
+    """Endpoints set by configuration, a JSON list: `[{"key": "<API key, or sha256:<hex>; empty
+    when the API is open>", "url": "https://...", "secret": "whsec_...", "events": [...]}]`
+    (`events` optional: all). Endpoints made with `/v1/webhook_endpoints` live in Redis."""
+    dispatch: bool = True
+    """Run the delivery dispatcher in this api process (several api processes share the
+    work through a Redis consumer group). Default true."""
+    allow_private: bool = False
+    """Allow deliveries to loopback, link-local and private addresses (a receiver on the
+    same host or network). Default false: such targets are refused (SSRF guard)."""
+    timeout_seconds: float = Field(10.0, gt=0)
+    """Longest one delivery attempt may take, in seconds. Default 10."""
+    retry_base_seconds: float = Field(5.0, gt=0)
+    """First retry delay of a failed delivery in seconds, doubled each attempt, jittered.
+    Default 5."""
+    retry_max_seconds: float = Field(1800.0, gt=0)
+    """Longest delay between two attempts, in seconds. Default 1800 (30 min)."""
+    max_age_seconds: float = Field(86400.0, gt=0)
+    """How long a delivery is retried before it goes to the dead-letter list, in seconds.
+    Default 86400 (24 h)."""
+    concurrency: int = Field(64, ge=1)
+    """Deliveries one dispatcher makes at once. Default 64."""
+
+
 class TelemetrySettings(_Group):
     """Metrics and traces; OTLP export itself is configured by the standard OTEL_* vars."""
 
@@ -222,6 +249,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     llm: LlmSettings = LlmSettings()
     llmsim: LlmsimSettings = LlmsimSettings()
+    webhook: WebhookSettings = WebhookSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     log: LogSettings = LogSettings()
 

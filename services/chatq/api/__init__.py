@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,10 +16,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatq import errors, metrics, results, telemetry
+from chatq import dispatcher, errors, metrics, results, telemetry, webhooks
 from chatq import settings as settings_mod
 from chatq.api import deps, openai_errors
 from chatq.api.routes import chat, health, responses
+from chatq.api.routes import webhooks as webhook_routes
 from chatq.queues import open_queue
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("the %s queue is not ready yet (%s); retrying on the first request",
                     queue.backend, exc)
     await waiter.start()
+    app.state.webhook_endpoints = endpoints = webhooks.EndpointStore(
+        store.redis, app.state.configured_webhooks)
+    sender = None
+    if settings.webhook.dispatch:
+        sender = dispatcher.Dispatcher(store.redis, endpoints, settings.webhook,
+                                       consumer=f"{socket.gethostname()}-{os.getpid()}")
+        await sender.start()
     if not app.state.key_hashes:
         log.warning("no CHATQ_API_KEYS set: the API is open to anyone who can reach it")
     log.info("api ready: %s queue %r, redis %s, model %s%s", queue.backend, queue.name,
@@ -166,6 +176,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if sender is not None:
+            await sender.stop()
         await waiter.stop()
         await queue.close()
         await store.close()
@@ -180,10 +192,13 @@ def create_app(settings: settings_mod.Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.key_hashes = deps.parse_keys(settings.api.keys)
+    # Checked here, so a bad CHATQ_WEBHOOK_ENDPOINTS stops the api at start, saying why.
+    app.state.configured_webhooks = webhooks.configured_endpoints(settings.webhook)
     app.include_router(chat.router)
     app.include_router(chat.aliases)
     app.include_router(chat.seed)
     app.include_router(responses.router)
+    app.include_router(webhook_routes.router)
     app.include_router(health.router)
     _install_error_handlers(app)
     app.add_middleware(LimitsAndMetrics, max_body=settings.api.max_body_bytes)

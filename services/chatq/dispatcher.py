@@ -1,0 +1,290 @@
+"""The webhook dispatcher: fans events out to endpoints and delivers them at least once.
+
+Reads top-down: `Dispatcher.run()` starts two loops. `fan_out()` reads the event stream as
+a member of one Redis consumer group (so several api processes share it; entries a dead
+dispatcher held are taken over after `CLAIM_IDLE_MS`), writes one delivery per subscribed
+endpoint into the outbox, then acks the entry: an event is acked only once its deliveries
+exist. `deliver()` takes due deliveries from the outbox with a lease (their score moves
+past the attempt's timeout, so a dispatcher that dies mid-attempt leaves them to another)
+and sends each: 2xx ends it; anything else (a timeout, a refused connection, a 5xx, a
+redirect, which is never followed) is retried with jittered backoff until the retry
+window ends, then it goes to the owner's dead-letter list. Targets that resolve to
+loopback, link-local or private addresses are refused unless allowed, and the connection
+goes to the address that was checked (no second lookup to rebind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import socket
+import time
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from chatq import errors, results, webhooks
+from chatq import settings as settings_mod
+
+log = logging.getLogger(__name__)
+
+GROUP = "chatq-dispatchers"
+CLAIM_IDLE_MS = 30_000
+DEAD_LETTERS_KEPT = 1000
+_DEAD_TTL_SECONDS = 30 * 86400
+
+# Lua: create a delivery unless it exists (a re-read event), and make it due now.
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+# Lua: take up to ARGV[2] deliveries due at ARGV[1], leasing each until ARGV[3].
+_TAKE_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id) end
+return due
+"""
+
+
+class Dispatcher:
+    """Delivers webhook events from Redis to their endpoints."""
+
+    def __init__(self, client: aioredis.Redis, endpoints: webhooks.EndpointStore,
+                 cfg: settings_mod.WebhookSettings, consumer: str) -> None:
+        self.redis = client
+        self.endpoints = endpoints
+        self.cfg = cfg
+        self.consumer = consumer
+        self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                      timeout=cfg.timeout_seconds)
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._take_due = client.register_script(_TAKE_DUE)
+        self._kick = asyncio.Event()
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start both loops in the background."""
+        self._loops = [asyncio.create_task(self._forever(self.fan_out), name="webhook-fan-out"),
+                       asyncio.create_task(self._forever(self.deliver), name="webhook-deliver")]
+        log.info("webhook dispatcher %s started (%d configured endpoint(s), private targets "
+                 "%s)", self.consumer, len(self.endpoints.configured),
+                 "allowed" if self.cfg.allow_private else "refused")
+
+    async def stop(self) -> None:
+        """Stop the loops; attempts in flight are abandoned (their lease runs out)."""
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.http.aclose()
+
+    async def _forever(self, loop: Any) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await loop()
+                delay = 0.5
+            except (errors.StoreUnavailable, redis.exceptions.RedisError, OSError) as exc:
+                log.warning("webhook dispatcher: Redis trouble (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(10.0, delay * 2)
+
+    # --- fan-out ---------------------------------------------------------------------------
+
+    async def _ensure_group(self) -> None:
+        await self.endpoints.announce()
+        try:
+            await self.redis.xgroup_create(results.WEBHOOK_EVENTS, GROUP, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def fan_out(self) -> None:
+        """Turn events into deliveries, forever."""
+        await self._ensure_group()
+        last_claim = 0.0
+        while True:
+            entries: list[tuple[str, dict[str, str]]] = []
+            if time.monotonic() - last_claim > CLAIM_IDLE_MS / 1000:
+                last_claim = time.monotonic()
+                reply = await self.redis.xautoclaim(results.WEBHOOK_EVENTS, GROUP, self.consumer,
+                                                    CLAIM_IDLE_MS, "0-0", count=100)
+                entries = [(str(i), dict(f)) for i, f in reply[1] if f]
+            if not entries:
+                read = cast(list[Any], await self.redis.xreadgroup(
+                    GROUP, self.consumer, {results.WEBHOOK_EVENTS: ">"}, count=100, block=1000))
+                entries = [(str(i), dict(f)) for i, f in read[0][1]] if read else []
+            for entry_id, fields in entries:
+                await self._fan_out_one(entry_id, fields)
+            if entries:
+                ids = [i for i, _ in entries]
+                await self.redis.xack(results.WEBHOOK_EVENTS, GROUP, *ids)
+                await self.redis.xdel(results.WEBHOOK_EVENTS, *ids)
+                self._kick.set()
+
+    async def _fan_out_one(self, entry_id: str, fields: dict[str, str]) -> None:
+        owner = fields.get("owner", "")
+        if "type" in fields:  # emitted directly (batch events)
+            kind: str | None = fields["type"]
+            data_id = fields.get("object", "")
+        else:
+            kind = webhooks.event_type(fields.get("kind", "chat"), fields.get("status", ""),
+                                       fields.get("finish_reason", ""))
+            data_id = webhooks.object_id(fields.get("kind", "chat"), fields.get("job", ""))
+        if kind is None:
+            return
+        at = float(fields.get("at") or time.time())
+        ident = webhooks.event_id(entry_id)
+        body = webhooks.payload(ident, kind, data_id, at)
+        now = time.time()
+        for endpoint in await self.endpoints.list(owner):
+            if not endpoint.wants(kind):
+                continue
+            delivery_id = f"{ident}.{endpoint.id}"
+            await self._enqueue(
+                keys=[results.webhook_delivery_key(delivery_id), results.WEBHOOK_OUTBOX],
+                args=[now, "id", delivery_id, "endpoint", endpoint.id, "owner", owner,
+                      "body", body, "attempts", 0, "first_at", now])
+
+    # --- delivery --------------------------------------------------------------------------
+
+    async def deliver(self) -> None:
+        """Send due deliveries, forever."""
+        while True:
+            now = time.time()
+            lease_until = now + self.cfg.timeout_seconds + 30
+            due = cast(list[str], await self._take_due(keys=[results.WEBHOOK_OUTBOX],
+                                                       args=[now, 100, lease_until]))
+            for delivery_id in due:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._attempt(str(delivery_id)))
+                self._tasks.add(task)
+                task.add_done_callback(self._attempt_done)
+            if due:
+                continue
+            self._kick.clear()
+            wait = 1.0
+            head = await self.redis.zrange(results.WEBHOOK_OUTBOX, 0, 0, withscores=True)
+            if head:
+                wait = max(0.0, min(wait, float(head[0][1]) - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), wait)
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery task failed", exc_info=task.exception())
+
+    async def _attempt(self, delivery_id: str) -> None:
+        key = results.webhook_delivery_key(delivery_id)
+        try:
+            delivery = cast(dict[str, str], await self.redis.hgetall(key))
+            if not delivery:
+                await self.redis.zrem(results.WEBHOOK_OUTBOX, delivery_id)
+                return
+            endpoint = await self.endpoints.get(delivery["owner"], delivery["endpoint"])
+            if endpoint is None:  # deleted since: nothing to deliver to
+                await self._drop(delivery_id)
+                return
+            attempts = int(delivery.get("attempts", 0)) + 1
+            problem = await self.send(endpoint, json.loads(delivery["body"])["id"],
+                                      delivery["body"])
+            if problem is None:
+                await self._drop(delivery_id)
+                return
+            await self._failed(delivery_id, {**delivery, "attempts": str(attempts)}, problem)
+        except errors.StoreUnavailable as exc:
+            log.warning("webhook delivery %s left for later: %s", delivery_id, exc)
+        except redis.exceptions.RedisError as exc:
+            log.warning("webhook delivery %s left for later: %s", delivery_id, exc)
+
+    async def _drop(self, delivery_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(results.WEBHOOK_OUTBOX, delivery_id)
+            pipe.delete(results.webhook_delivery_key(delivery_id))
+            await pipe.execute()
+
+    async def _failed(self, delivery_id: str, delivery: dict[str, str], problem: str) -> None:
+        attempts = int(delivery["attempts"])
+        now = time.time()
+        permanent = problem.startswith(("refused:", "redirect"))
+        delay = webhooks.next_attempt_delay(attempts, self.cfg, random.random())
+        if permanent or webhooks.gives_up(float(delivery.get("first_at", now)), now, delay,
+                                          self.cfg):
+            entry = webhooks.dead_letter_entry(delivery, problem, now)
+            dead = results.webhook_dead_key(delivery["owner"])
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(dead, json.dumps(entry))
+                pipe.ltrim(dead, 0, DEAD_LETTERS_KEPT - 1)
+                pipe.expire(dead, _DEAD_TTL_SECONDS)
+                pipe.zrem(results.WEBHOOK_OUTBOX, delivery_id)
+                pipe.delete(results.webhook_delivery_key(delivery_id))
+                await pipe.execute()
+            log.warning("webhook delivery %s dead-lettered after %d attempt(s): %s",
+                        delivery_id, attempts, problem)
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(results.webhook_delivery_key(delivery_id),
+                      mapping={"attempts": attempts, "last_error": problem})
+            pipe.zadd(results.WEBHOOK_OUTBOX, {delivery_id: now + delay})
+            await pipe.execute()
+        log.info("webhook delivery %s failed (%s), attempt %d; next in %.1fs", delivery_id,
+                 problem, attempts, delay)
+
+    async def send(self, endpoint: webhooks.Endpoint, message_id: str, body: str) -> str | None:
+        """One signed POST; None when the receiver took it, else what went wrong."""
+        try:
+            url, host_header, sni = await self._pinned(endpoint.url)
+        except webhooks.EndpointRefused as exc:
+            return f"refused: {exc}"
+        except OSError as exc:
+            return f"cannot resolve the host: {exc}"
+        head = webhooks.headers(endpoint.secret, message_id, body)
+        head["host"] = host_header
+        try:
+            resp = await self.http.post(url, content=body.encode(), headers=head,
+                                        extensions={"sni_hostname": sni} if sni else None)
+        except httpx.TimeoutException:
+            return f"no answer within {self.cfg.timeout_seconds:g}s"
+        except httpx.HTTPError as exc:
+            return f"connection failed: {type(exc).__name__}: {exc}"
+        if 200 <= resp.status_code < 300:
+            return None
+        if 300 <= resp.status_code < 400:
+            return (f"redirect ({resp.status_code} to {resp.headers.get('location', '?')}) "
+                    "refused: webhooks never follow redirects")
+        return f"the receiver answered {resp.status_code}"
+
+    async def _pinned(self, url: str) -> tuple[str, str, str]:
+        """The URL with its host replaced by a checked address, the Host header, the TLS name."""
+        problem = webhooks.url_problem(url)
+        if problem:
+            raise webhooks.EndpointRefused(problem)
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [str(info[4][0]) for info in infos]
+        refused = [a for a in addresses if not webhooks.address_allowed(a, self.cfg.allow_private)]
+        if not addresses or refused:
+            raise webhooks.EndpointRefused(
+                f"{host} resolves to {', '.join(refused) or 'nothing'}, a loopback, link-local "
+                "or private address (set CHATQ_WEBHOOK_ALLOW_PRIVATE=true to allow it)")
+        address = addresses[0]
+        netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        return pinned, host_header, host if parts.scheme == "https" else ""
