@@ -10,14 +10,30 @@ class ChatqError(Exception):
 class TemporaryError(ChatqError):
     """Worth trying again after `delay` seconds (a 429, a 5xx, a timeout, an outage)."""
 
+    #: Text the model streamed before the failure, and how many pieces of it.
+    partial: str = ""
+    streamed: int = 0
+
     def __init__(self, message: str, delay: float | None = None, code: str = "temporary") -> None:
         super().__init__(message)
         self.delay = delay
         self.code = code
 
 
+class ModelUnavailable(TemporaryError):
+    """The model cannot be reached or says it is overloaded: the job waits for it (handed
+    back to the queue) instead of spending its attempts."""
+
+    def __init__(self, message: str, delay: float | None = None,
+                 code: str = "model_unavailable") -> None:
+        super().__init__(message, delay, code)
+
+
 class PermanentError(ChatqError):
     """Trying again will not help: record the failure and dead-letter the message."""
+
+    #: Text the model streamed before the failure, kept on the failed job.
+    partial: str = ""
 
     def __init__(self, message: str, code: str = "permanent") -> None:
         super().__init__(message)

@@ -149,16 +149,42 @@ class LlmSettings(_Group):
     """API key sent as a bearer token; empty for local servers that need none."""
     model: str = ""
     """Default model name; empty means gpt-4o-mini on OpenAI, chatq-sim-1 on llmsim."""
-    timeout_seconds: float = 120.0
-    """Longest a single model call may take, in seconds. Default 120."""
+    first_token_seconds: float = Field(120.0, gt=0)
+    """Longest wait, in seconds, from sending a model call to its first token: connecting,
+    the server's own queue and reading the prompt. Default 120."""
+    idle_seconds: float = Field(60.0, gt=0)
+    """Longest silence, in seconds, between two pieces of a streaming answer; a slow but
+    steady model is never cut off by it. Default 60."""
+    timeout_seconds: float = Field(0.0, ge=0)
+    """Longest a whole answer may take, in seconds, however steadily it streams; 0 (the
+    default) sets no bound beyond the two above."""
     max_attempts: int = Field(4, ge=1)
-    """Attempts of one job's model call on 429, 5xx and timeouts. Default 4."""
+    """Attempts of one job's model call on 429, 5xx, cut streams and timeouts. Default 4."""
+    retry_streamed_tokens: int = Field(0, ge=0)
+    """An attempt that fails after this many streamed tokens is not retried (the job fails
+    and keeps the partial answer), so a long answer is not regenerated from scratch; 0 (the
+    default) retries whatever was streamed."""
     backoff_base_seconds: float = 0.5
     """First retry delay in seconds, doubled each attempt, jittered, capped. Default 0.5."""
     backoff_max_seconds: float = 30.0
     """Longest retry delay in seconds, `retry-after` included. Default 30."""
     max_tokens: int = 1024
     """Default max_tokens when a request names none. Default 1024."""
+    breaker_failures: int = Field(5, ge=1)
+    """Server errors (5xx) from the model, counted across all workers within
+    `breaker_window_seconds`, that mark the model down; an unreachable model (connection
+    refused, 502/503/504) is marked down at once. Default 5."""
+    breaker_window_seconds: float = Field(30.0, gt=0)
+    """The window, in seconds, in which `breaker_failures` are counted. Default 30."""
+    probe_seconds: float = Field(5.0, gt=0)
+    """While the model is down, how often one worker asks it (GET /models) whether it is back,
+    in seconds; the others wait. Default 5."""
+    outage_window_seconds: float = Field(6 * 3600, gt=0)
+    """How long, in seconds, the model may be down before jobs that wait for it fail with
+    `model_unavailable`; until then they stay queued. Default 21600 (6 h)."""
+    handback_delay_seconds: float = Field(5.0, ge=0)
+    """A job running when the model went down goes back to the queue, visible again after
+    this many seconds. Default 5."""
 
 
 class LlmsimSettings(_Group):

@@ -58,6 +58,10 @@ class JobSink:
         self._pending = []
         self.attempt = await self.store.start_attempt(self.job_id)
 
+    def attempt_failed(self, attempt: int, error: errors.ChatqError) -> None:
+        log.info("job %s: attempt %d failed: %s (%s)", self.job_id, attempt, error,
+                 getattr(error, "code", "error"))
+
 
 class Worker:
     """One worker process: up to `concurrency` jobs at once."""

@@ -255,7 +255,7 @@ def test_permanent_failure_dead_letters(stack_factory: StackFactory, backend: st
         assert "400" in refused["error"]["message"]
         broken = wait_done(http, ask(http, "down llmsim:fail=500"))
         assert broken["status"] == "failed" and broken["attempts"] == 3
-        assert broken["error"]["code"] == "model_unavailable"
+        assert broken["error"]["code"] == "model_server_error"
     dead = queue_call(stack, "dead_letters")
     assert sorted(d.split('"job_id":"')[1][:32] for d in dead) == sorted(
         [refused["id"], broken["id"]])

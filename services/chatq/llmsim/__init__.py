@@ -5,6 +5,16 @@ inter-token latency and answer length from settings, and error injection: 429 wi
 `retry-after`, 500, and hanging requests, by rate (settings) or per request by a directive
 in the last user message, e.g. `llmsim:fail=429 llmsim:times=3` (the first three calls of
 that conversation get 429) or `llmsim:ttft_ms=1000 llmsim:tokens=50`.
+
+It also does what real servers were seen doing (llama.cpp's among them), so chatq's handling
+of each is tested without one: `fail=midstream` streams `after` tokens (default: half) and
+then an error event `data: {"error": {"code": 500, ...}}` inside the HTTP 200 stream;
+`fail=cut` stops the stream after `after` tokens with no finish_reason and no `[DONE]`;
+`fail=empty` sends a stream with no text and no finish_reason; `usage=none` leaves the
+usage chunk out even when asked for it; an answer cut by `max_tokens` finishes with
+`finish_reason: "length"`; `context=N` gives the model an N-token context: a longer prompt
+is refused with OpenAI's 400 `context_length_exceeded`, and an answer that reaches it ends
+with `length`. `/tokenize` counts tokens the way llmsim does (words), as llama.cpp's does.
 Every answer says that it came from the simulator.
 """
 
@@ -19,6 +29,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +39,8 @@ from chatq import settings as settings_mod
 
 PREFIX = "[simulated answer from llmsim]"
 _DIRECTIVE = re.compile(r"llmsim:(\w+)=([\w.]+)")
+#: Failures that happen inside an HTTP 200 stream rather than as an error status.
+STREAM_FAILURES = ("midstream", "cut", "empty")
 _WORDS = ("the quick model considers your question and answers it with care while "
           "every token arrives after a short simulated pause so that streaming clients "
           "see the answer grow word by word").split()
@@ -100,16 +113,24 @@ class Simulator:
             return _error(400, "'messages' must be a non-empty list", "invalid_request_error")
         d = directives(messages)
         failure = self.failure(messages, d)
-        if failure is not None:
+        stream_failure = failure if failure in STREAM_FAILURES and body.get("stream") else None
+        if failure is not None and stream_failure is None:
             return await self.fail(failure)
         ttft = float(d.get("ttft_ms", self.cfg.ttft_ms)) / 1000
         itl = float(d.get("itl_ms", self.cfg.itl_ms)) / 1000
         count = int(d.get("tokens", self.cfg.tokens))
-        if body.get("max_tokens"):
-            count = min(count, int(body["max_tokens"]))
+        prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages)
+        finish = "stop"
+        if "context" in d:
+            room = int(d["context"]) - prompt_tokens
+            if room <= 0:
+                return _context_error(prompt_tokens, int(d["context"]))
+            if count > room:
+                count, finish = room, "length"
+        if body.get("max_tokens") and int(body["max_tokens"]) < count:
+            count, finish = int(body["max_tokens"]), "length"
         tokens = answer_tokens(messages, max(1, count))
         model = body.get("model") or settings_mod.SIMULATOR_MODEL
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                  "total_tokens": prompt_tokens + len(tokens)}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "created": int(time.time()),
@@ -117,29 +138,72 @@ class Simulator:
         if not body.get("stream"):
             await asyncio.sleep(ttft + itl * (len(tokens) - 1))
             return JSONResponse({**head, "object": "chat.completion", "usage": usage, "choices": [
-                {"index": 0, "finish_reason": "stop",
+                {"index": 0, "finish_reason": finish,
                  "message": {"role": "assistant", "content": "".join(tokens)}}]})
-        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_stream(head, tokens, ttft, itl, usage if with_usage else None),
-                                 media_type="text/event-stream")
+        with_usage = (bool((body.get("stream_options") or {}).get("include_usage"))
+                      and d.get("usage") != "none")
+        plan = StreamPlan(tokens, finish, ttft, itl, usage if with_usage else None,
+                          stream_failure, int(d.get("after", len(tokens) // 2)))
+        if stream_failure is not None:
+            self.stats["failed"] += 1
+        return StreamingResponse(_stream(head, plan), media_type="text/event-stream")
 
 
-async def _stream(head: dict[str, Any], tokens: list[str], ttft: float, itl: float,
-                  usage: dict[str, int] | None) -> AsyncIterator[bytes]:
+def count_tokens(text: str) -> int:
+    """llmsim's tokenizer: one token per word."""
+    return len(text.split())
+
+
+def _context_error(prompt_tokens: int, context: int) -> Response:
+    # The shape OpenAI (and vLLM, in its own words) answers a prompt over the context with.
+    return JSONResponse({"error": {
+        "message": f"This model's maximum context length is {context} tokens. However, your "
+                   f"messages resulted in {prompt_tokens} tokens.",
+        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}},
+        status_code=400)
+
+
+@dataclass
+class StreamPlan:
+    """What one streamed answer does: its tokens and timing, and how it ends."""
+
+    tokens: list[str]
+    finish: str
+    ttft: float
+    itl: float
+    usage: dict[str, int] | None
+    failure: str | None
+    """None, or one of STREAM_FAILURES."""
+    after: int
+    """Tokens sent before a `midstream` or `cut` failure."""
+
+
+async def _stream(head: dict[str, Any], plan: StreamPlan) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None,
               use: dict[str, int] | None = None) -> bytes:
         data = {**head, "object": "chat.completion.chunk", "usage": use,
                 "choices": [] if use else [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return b"data: " + json.dumps(data).encode() + b"\n\n"
 
-    await asyncio.sleep(ttft)
-    for i, token in enumerate(tokens):
+    await asyncio.sleep(plan.ttft)
+    if plan.failure == "empty":
+        yield chunk({"role": "assistant", "content": ""})
+        yield b"data: [DONE]\n\n"
+        return
+    for i, token in enumerate(plan.tokens):
+        if plan.failure in ("midstream", "cut") and i == plan.after:
+            if plan.failure == "midstream":
+                # As llama.cpp's server does: an error object as an event of the 200 stream.
+                error = {"code": 500, "message": "llmsim injected a mid-stream error",
+                         "type": "server_error"}
+                yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+            return  # cut: the connection just ends
         if i:
-            await asyncio.sleep(itl)
+            await asyncio.sleep(plan.itl)
         yield chunk({"content": token} if i else {"role": "assistant", "content": token})
-    yield chunk({}, "stop")
-    if usage is not None:
-        yield chunk({}, None, usage)
+    yield chunk({}, plan.finish)
+    if plan.usage is not None:
+        yield chunk({}, None, plan.usage)
     yield b"data: [DONE]\n\n"
 
 
@@ -156,6 +220,18 @@ def create_app(cfg: settings_mod.LlmsimSettings) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": settings_mod.SIMULATOR_MODEL, "object": "model",
                                             "created": 0, "owned_by": "llmsim"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        # llama.cpp's route and shape: {"content": text} -> {"tokens": [ids]}.
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not JSON", "invalid_request_error")
+        content = body.get("content") if isinstance(body, dict) else None
+        if not isinstance(content, str):
+            return _error(400, "'content' must be a string", "invalid_request_error")
+        return JSONResponse({"tokens": list(range(count_tokens(content)))})
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request) -> Response:
