@@ -175,7 +175,7 @@ def test_model_429_is_retried_and_completes(stack_factory: StackFactory, backend
         failed = client.responses.create(input=unique("down llmsim:fail=500"), background=True)
         gone = wait_status(client, failed.id, "failed", "completed")
         assert gone.status == "failed" and gone.error is not None
-        assert gone.error.code == "server_error" and "model_unavailable" in gone.error.message
+        assert gone.error.code == "server_error" and "model_server_error" in gone.error.message
 
 
 def test_errors_auth_and_isolation(stack_factory: StackFactory, backend: str) -> None:
