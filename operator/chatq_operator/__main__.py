@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose)
     # OTLP traces of the Kubernetes and queue calls when OTEL_* asks for them; off otherwise.
     telemetry.start_tracing("chatq-operator")
+    # And its log records (kopf's handler stays, for `kubectl logs`) over OTLP too.
+    telemetry.start_logs("chatq-operator")
     from chatq_operator import handlers  # registers the handlers with kopf
 
     del handlers

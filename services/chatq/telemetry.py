@@ -10,6 +10,13 @@ the openai SDK (GenAI semantic conventions) are instrumented. Messages carry W3C
 `traceparent`/`tracestate` in their attributes: `producer_span` yields them for the queue to
 store, `consumer_span` takes them back, so one trace runs from the API request through the
 queue to the model call and the result write.
+
+Logs go to stderr as today (JSON lines with `CHATQ_LOG_JSON_FORMAT=true`, for collectors
+that scrape pods) and, when an OTLP endpoint is set (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+`OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`; `OTEL_LOGS_EXPORTER=none` turns it off), also over
+OpenTelemetry's logs signal: each record carries the resource's `service.name`, the
+trace and span ids of the span it was written in, and `job_id` (plus `error_code` on a
+failed job's line) as attributes. Log messages never hold a question's or an answer's text.
 """
 
 from __future__ import annotations
@@ -45,7 +52,11 @@ EXCLUDED_URLS = "healthz,readyz,metrics"
 # Redis Streams has none, so it is named plainly.
 _MESSAGING_SYSTEM = {"sqs": "aws_sqs", "redis": "redis"}
 
-_state: dict[str, Any] = {"enabled": False, "provider": None}
+#: Structured fields that a log call may pass with `extra=`; they become JSON keys and OTLP
+#: log attributes. Only ids and codes: never user text.
+LOG_FIELDS = ("error_code",)
+
+_state: dict[str, Any] = {"enabled": False, "provider": None, "log_provider": None}
 
 
 def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
@@ -56,6 +67,20 @@ def tracing_requested(env: Mapping[str, str] | None = None) -> bool:
     if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
         return False
     return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+def logs_requested(env: Mapping[str, str] | None = None) -> bool:
+    """True when the OTEL_* variables ask for logs to be exported over OTLP.
+
+    As the specification says, OTEL_LOGS_EXPORTER defaults to `otlp`: an endpoint for all
+    signals (a collector's) sends logs too; a traces-only store needs OTEL_LOGS_EXPORTER=none.
+    """
+    env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if env.get("OTEL_LOGS_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
 def enabled() -> bool:
@@ -77,6 +102,7 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         entry.update(log_context())
+        entry.update(record_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -97,13 +123,74 @@ def log_context() -> dict[str, str]:
     return out
 
 
-class _ContextFilter(logging.Filter):
-    """Adds trace_id/span_id/job_id to records, for the plain-text format."""
+def record_fields(record: logging.LogRecord) -> dict[str, str]:
+    """The LOG_FIELDS a log call passed with `extra=`."""
+    return {name: str(getattr(record, name)) for name in LOG_FIELDS if hasattr(record, name)}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        extra = log_context()
-        record.chatq_context = (" " + " ".join(f"{k}={v}" for k, v in extra.items())) if extra else ""
-        return True
+
+class TextFormatter(logging.Formatter):
+    """The plain-text format, with trace_id/span_id/job_id (and LOG_FIELDS) appended."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = {**log_context(), **record_fields(record)}
+        text = super().format(record)
+        return text + (" " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+
+
+class OtlpLogHandler(logging.Handler):
+    """Sends each record over OpenTelemetry's logs signal (the SDK's batch processor).
+
+    The SDK's own LoggingHandler is deprecated and exports every attribute a record has
+    (file paths, formatter state); this one sends the message as the body, the severity,
+    the current context (so the trace and span ids), and only `job_id`, the logger's name
+    and LOG_FIELDS as attributes. Records of the OpenTelemetry SDK itself (an exporter that
+    cannot reach its endpoint) stay on stderr: exporting them would feed the failure.
+    """
+
+    def __init__(self, provider: Any) -> None:
+        super().__init__()
+        self.provider = provider
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("opentelemetry"):
+            return
+        from opentelemetry._logs import SeverityNumber
+
+        try:
+            attributes: dict[str, str] = {"logger": record.name}
+            job_id = current_job_id.get()
+            if job_id:
+                attributes["job_id"] = job_id
+            attributes.update(record_fields(record))
+            if record.exc_info and record.exc_info[0] is not None:
+                attributes["exception.type"] = record.exc_info[0].__name__
+                attributes["exception.stacktrace"] = logging.Formatter().formatException(record.exc_info)
+            self.provider.get_logger(record.name).emit(
+                timestamp=int(record.created * 1e9),
+                context=otel_context.get_current(),
+                severity_number=_SEVERITY.get(record.levelno, SeverityNumber.INFO),
+                severity_text=_SEVERITY_TEXT.get(record.levelname, record.levelname),
+                body=record.getMessage(),
+                attributes=attributes,
+            )
+        except Exception:  # a log line must never break the code that wrote it
+            self.handleError(record)
+
+
+def _severity_numbers() -> dict[int, Any]:
+    from opentelemetry._logs import SeverityNumber
+
+    return {logging.DEBUG: SeverityNumber.DEBUG, logging.INFO: SeverityNumber.INFO,
+            logging.WARNING: SeverityNumber.WARN, logging.ERROR: SeverityNumber.ERROR,
+            logging.CRITICAL: SeverityNumber.FATAL}
+
+
+_SEVERITY = _severity_numbers()
+# OpenTelemetry's names where Python's differ (the data model's "displaying severity").
+_SEVERITY_TEXT = {"WARNING": "WARN", "CRITICAL": "FATAL"}
 
 
 def configure_logging(log_settings: settings_mod.LogSettings) -> None:
@@ -112,9 +199,7 @@ def configure_logging(log_settings: settings_mod.LogSettings) -> None:
     if log_settings.json_format:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.addFilter(_ContextFilter())
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)-5s %(name)s: %(message)s%(chatq_context)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(log_settings.level.upper())
@@ -127,8 +212,45 @@ def configure_logging(log_settings: settings_mod.LogSettings) -> None:
 
 
 def setup(settings: settings_mod.Settings, service: str) -> None:
-    """Start tracing for this process when OTEL_* variables ask for it."""
+    """Start tracing and OTLP logs for this process when OTEL_* variables ask for them."""
     start_tracing(service, capture_content=settings.telemetry.capture_content)
+    start_logs(service)
+
+
+def _resource(service: str) -> Any:
+    """The process's resource: service name (unless OTEL_SERVICE_NAME), version, instance."""
+    from opentelemetry.sdk.resources import Resource
+
+    attributes: dict[str, str] = {"service.version": _version()}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = service
+    if os.environ.get("CHATQ_WORKER_ID"):
+        attributes["service.instance.id"] = os.environ["CHATQ_WORKER_ID"]
+    # Resource.create() adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
+    return Resource.create(attributes)
+
+
+def start_logs(service: str) -> bool:
+    """Also send the root logger's records over OTLP; False when not asked to.
+
+    Call it after the process's logging is configured (`configure_logging`, or kopf's),
+    since it adds a handler to the root logger beside the stderr one.
+    """
+    if _state["log_provider"] is not None or not logs_requested():
+        return _state["log_provider"] is not None
+    from opentelemetry._logs import set_logger_provider
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    resource = _resource(service)
+    provider = LoggerProvider(resource=resource)
+    provider.add_log_record_processor(BatchLogRecordProcessor(_exporter("logs")))
+    set_logger_provider(provider)
+    logging.getLogger().addHandler(OtlpLogHandler(provider))
+    _state["log_provider"] = provider
+    log.info("logs on: OTLP to %s as %s", _endpoint_for_log("logs"),
+             resource.attributes.get("service.name", service))
+    return True
 
 
 def start_tracing(service: str, capture_content: bool = False) -> bool:
@@ -138,23 +260,16 @@ def start_tracing(service: str, capture_content: bool = False) -> bool:
     """
     if _state["enabled"] or not tracing_requested():
         return bool(_state["enabled"])
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    attributes: dict[str, str] = {"service.version": _version()}
-    if not os.environ.get("OTEL_SERVICE_NAME"):
-        attributes["service.name"] = service
-    if os.environ.get("CHATQ_WORKER_ID"):
-        attributes["service.instance.id"] = os.environ["CHATQ_WORKER_ID"]
-    # Resource.create() adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
-    resource = Resource.create(attributes)
+    resource = _resource(service)
     provider = TracerProvider(resource=resource, sampler=_sampler())
-    provider.add_span_processor(BatchSpanProcessor(_exporter()))
+    provider.add_span_processor(BatchSpanProcessor(_exporter("traces")))
     trace.set_tracer_provider(provider)
     _state.update(enabled=True, provider=provider)
     _instrument_libraries(provider, capture_content)
-    log.info("tracing on: OTLP to %s as %s", _endpoint_for_log(),
+    log.info("tracing on: OTLP to %s as %s", _endpoint_for_log("traces"),
              resource.attributes.get("service.name", service))
     return True
 
@@ -169,25 +284,34 @@ def _version() -> str:
 
 
 def shutdown() -> None:
-    """Flush and stop the exporter (also done at exit)."""
+    """Flush and stop the exporters (also done at exit)."""
     provider = _state["provider"]
     if provider is not None:
         provider.shutdown()
         _state.update(enabled=False, provider=None)
+    log_provider = _state["log_provider"]
+    if log_provider is not None:
+        root = logging.getLogger()
+        root.handlers[:] = [h for h in root.handlers if not isinstance(h, OtlpLogHandler)]
+        log_provider.shutdown()
+        _state["log_provider"] = None
 
 
-def _endpoint_for_log() -> str:
-    url = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+def _endpoint_for_log(signal: str) -> str:
+    url = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
     return url.split("@")[-1]
 
 
-def _exporter() -> Any:
-    """The OTLP span exporter the OTEL_EXPORTER_OTLP_* variables describe."""
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+def _exporter(signal: str) -> Any:
+    """The OTLP exporter of `signal` (traces, logs) the OTEL_EXPORTER_OTLP_* variables describe."""
+    protocol = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
                 or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
     if protocol == "grpc":
         try:
+            if signal == "logs":
+                from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+                return OTLPLogExporter()
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError:
             log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=grpc but the gRPC exporter is not installed "
@@ -198,6 +322,10 @@ def _exporter() -> Any:
     if protocol not in ("grpc", "http/protobuf"):
         log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported by the Python SDK; "
                     "using http/protobuf", protocol)
+    if signal == "logs":
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLogExporter
+
+        return HttpLogExporter()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     return HttpExporter()
@@ -293,15 +421,19 @@ def producer_span(backend: str, queue: str, job_id: str) -> Iterator[dict[str, s
     The span is the message's creation context (`send`, kind PRODUCER); the carrier is empty
     while tracing is off, so messages then carry no trace attributes at all.
     """
-    if not _state["enabled"]:
-        yield {}
-        return
-    attributes = _messaging_attributes(backend, queue, "send", "send", job_id)
-    with tracer().start_as_current_span(f"send {queue}", kind=trace.SpanKind.PRODUCER,
-                                        attributes=attributes):
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        yield carrier
+    token = current_job_id.set(job_id)  # so the api's lines about the enqueue carry job_id
+    try:
+        if not _state["enabled"]:
+            yield {}
+            return
+        attributes = _messaging_attributes(backend, queue, "send", "send", job_id)
+        with tracer().start_as_current_span(f"send {queue}", kind=trace.SpanKind.PRODUCER,
+                                            attributes=attributes):
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            yield carrier
+    finally:
+        current_job_id.reset(token)
 
 
 @contextlib.contextmanager

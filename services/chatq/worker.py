@@ -283,7 +283,7 @@ class Worker:
         with telemetry.span("chatq.result.write", **{"chatq.job.status": "failed"}):
             state = await self.store.finish(job_id, token, jobs.Status.FAILED,
                                             error={"code": code, "message": str(exc)})
-        log.warning("job %s failed: %s (%s)", job_id, exc, code)
+        log.warning("job %s failed: %s (%s)", job_id, exc, code, extra={"error_code": code})
         if state == "ok":
             metrics.jobs_finished.labels("failed", code).inc()
         if state != "lost":

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from tests import servers
 
 
@@ -74,3 +76,17 @@ def test_message_carries_the_trace_from_producer_to_consumer() -> None:
     assert logs["processing"]["job_id"] == "job-1"
     assert "job_id" not in logs["after the job"] and "trace_id" not in logs["after the job"]
 
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),  # the spec's default: otlp
+    ({"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "http://logs:9428/insert/opentelemetry/v1/logs"}, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://jaeger:4318/v1/traces"}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318", "OTEL_LOGS_EXPORTER": "none"}, False),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SDK_DISABLED": "true"}, False),
+])
+def test_logs_are_exported_when_the_otel_variables_ask(env: dict[str, str], expected: bool) -> None:
+    from chatq import telemetry
+
+    assert telemetry.logs_requested(env) is expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field
 from chatq import errors, jobs, metrics, results, telemetry
 from chatq.api.deps import OwnerDep, Services, ServicesDep, api_error
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 aliases = APIRouter(tags=["seed aliases"])
 seed = APIRouter(tags=["seed routes"])
@@ -121,6 +123,8 @@ async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") ->
         await svc.ensure_queue()
         with telemetry.producer_span(queue.backend, queue.name, job_id) as carrier:
             await queue.send(jobs.encode_message(job_id), carrier)
+            # One line per job (never its text), with job_id and, traced, the trace id.
+            log.info("job %s queued on the %s queue %r", job_id, queue.backend, queue.name)
     except errors.ChatqError as exc:
         # Nothing will ever run this job: take the record back so no one waits on it.
         try:
