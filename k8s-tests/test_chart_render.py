@@ -609,7 +609,23 @@ def test_otel_environment(tools: Tools) -> None:
         assert got["OTEL_SERVICE_NAME"] == service
         assert got["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://tempo:4317"
         assert "deployment.environment=prod" in got["OTEL_RESOURCE_ATTRIBUTES"]
+        # Logs follow the spec's default (to the same endpoint) unless told otherwise.
+        assert not {"OTEL_LOGS_EXPORTER", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"} & set(got)
     assert "OTEL_SERVICE_NAME" not in env(find(tools.template(values=REDIS), "Deployment", "chatq-api"))
+
+
+@pytest.mark.parametrize(("otel", "expected"), [
+    ({"logs": False}, {"OTEL_LOGS_EXPORTER": "none"}),
+    ({"logsEndpoint": "http://loki-gateway/otlp/v1/logs"},
+     {"OTEL_EXPORTER_OTLP_LOGS_ENDPOINT": "http://loki-gateway/otlp/v1/logs",
+      "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL": "http/protobuf"}),
+])
+def test_otel_logs_environment(tools: Tools, otel: dict[str, Any], expected: dict[str, str]) -> None:
+    values = merged(REDIS, {"otel": {"enabled": True, "endpoint": "http://tempo:4318", **otel}})
+    objs = tools.template(values=values)
+    for name in ("chatq-api", "chatq-worker"):
+        got = env(find(objs, "Deployment", name))
+        assert {k: got.get(k) for k in expected} == expected, (name, got)
 
 
 # --- helm test -------------------------------------------------------------------------------

@@ -108,6 +108,20 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
     worker = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-worker"))
     env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "tempo" in env["OTEL_EXPORTER_OTLP_ENDPOINT"], env
+    # Logs over OTLP to the stack's Loki (its gateway's native /otlp), from every component.
+    loki_url = "http://chatq-loki-gateway/otlp/v1/logs"  # the stack assumes release `chatq`
+    chatq = [o for o in objs if o["kind"] == "Deployment"
+             and o["metadata"]["name"].endswith(("-api", "-worker", "-operator"))]
+    assert len(chatq) >= 2, [o["metadata"]["name"] for o in objs if o["kind"] == "Deployment"]
+    for deployment in chatq:
+        name = deployment["metadata"]["name"]
+        got = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert got["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == loki_url, (name, got)
+        assert got["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
+        assert "OTEL_LOGS_EXPORTER" not in got
+    loki = next(d for d in stack_values["kube-prometheus-stack"]["grafana"]["additionalDataSources"]
+                if d["type"] == "loki")
+    assert loki_url.startswith(loki["url"] + "/"), "chatq writes to the Loki that Grafana reads"
     board = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard"))
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     cm = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "stack-chatq")

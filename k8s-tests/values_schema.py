@@ -363,6 +363,8 @@ def build() -> Schema:
                     "endpoint": string(),
                     "protocol": enum(["grpc", "http/protobuf", "http/json"]),
                     "resourceAttributes": string_map("Extra resource attributes."),
+                    "logs": boolean(),
+                    "logsEndpoint": string(),
                 },
                 "OpenTelemetry export.",
             ),

@@ -32,13 +32,14 @@ QUESTION = "what does the observability test ask"
 OK_JOBS = 5
 
 
-def dashboard_expressions() -> list[tuple[str, str]]:
-    """(panel title, expr) of every query in the dashboard."""
+def dashboard_expressions(kind: str = "prometheus") -> list[tuple[str, str]]:
+    """(panel title, expr) of every query of one data source type in the dashboard."""
     dashboard = json.loads(DASHBOARD.read_text())
     found = []
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
-            found.append((panel["title"], target["expr"]))
+            if target.get("datasource", panel.get("datasource", {})).get("type") == kind:
+                found.append((panel["title"], target["expr"]))
     return found
 
 
@@ -110,11 +111,22 @@ def test_dashboard_is_grafana_json_with_the_panels_the_issue_asks_for() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "chatq-overview"
     titles = {p["title"] for p in dashboard["panels"] if p["type"] == "row"}
-    assert titles == {"Throughput", "Latency", "Backlog", "Errors", "Tokens", "Replicas"}
+    assert titles == {"Throughput", "Latency", "Backlog", "Errors", "Tokens", "Replicas", "Logs"}
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    for title, expr in dashboard_expressions():
+    queries = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(dashboard_expressions()) + len(dashboard_expressions("loki")) == len(queries)
+    for title, expr in dashboard_expressions() + dashboard_expressions("loki"):
         assert "$namespace" in expr, f"panel {title!r} ignores the namespace variable: {expr}"
+    # The logs panel: chatq's services from the Loki data source, narrowed to one job or trace.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["logs"]["type"] == "datasource" and variables["logs"]["query"] == "loki"
+    assert variables["job_id"]["type"] == "textbox"
+    logs = next(p for p in dashboard["panels"] if p["type"] == "logs")
+    assert logs["datasource"] == {"type": "loki", "uid": "${logs}"}
+    [(_, logql)] = dashboard_expressions("loki")
+    assert 'service_name=~"chatq-api|chatq-worker|chatq-operator"' in logql
+    assert "job_id=~" in logql and "trace_id=~" in logql
 
 
 def test_prometheus_sees_the_known_load(stack_factory: StackFactory,

@@ -159,6 +159,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
   value: {{ $.Values.otel.protocol | quote }}
+{{- if not $.Values.otel.logs }}
+- name: OTEL_LOGS_EXPORTER
+  value: "none"
+{{- else if $.Values.otel.logsEndpoint }}
+# Logs to their own store (Loki 3's /otlp, VictoriaLogs' /insert/opentelemetry), over HTTP.
+- name: OTEL_EXPORTER_OTLP_LOGS_ENDPOINT
+  value: {{ $.Values.otel.logsEndpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_LOGS_PROTOCOL
+  value: "http/protobuf"
+{{- end }}
 - name: OTEL_K8S_POD_NAME
   valueFrom:
     fieldRef:
