@@ -115,7 +115,8 @@ def test_umbrella_chart_lints_and_wires_observability(tools: Tools, tmp_path: Pa
     assert len(chatq) >= 2, [o["metadata"]["name"] for o in objs if o["kind"] == "Deployment"]
     for deployment in chatq:
         name = deployment["metadata"]["name"]
-        got = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        spec = deployment["spec"]["template"]["spec"]
+        got = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert got["OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"] == loki_url, (name, got)
         assert got["OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"] == "http/protobuf"
         assert "OTEL_LOGS_EXPORTER" not in got

@@ -1,7 +1,9 @@
-"""Real observability backends on free loopback ports: Prometheus and a trace store.
+"""Real observability backends on free loopback ports: Prometheus, a trace and a log store.
 
 Prometheus comes from Debian's package (`/usr/bin/prometheus`); the trace store is Jaeger v2
-built by scripts/setup-observability (Tempo cannot be fetched from the module proxy here).
+built by scripts/setup-observability (Tempo cannot be fetched from the module proxy here);
+the log store is VictoriaLogs, built by the same script (Loki is under the AGPL, which this
+project does not take in; VictoriaLogs ingests OTLP logs natively as Loki 3 does).
 Each server runs with a configuration of its own in a temporary folder and is always
 stopped. Outside CI a missing binary skips, saying why; in CI (CI=true) it fails.
 """
@@ -27,7 +29,8 @@ import pytest
 
 from tests import servers
 
-SETUP_HINT = "run scripts/setup-observability (apt-get install prometheus; Jaeger v2 via go install)"
+SETUP_HINT = ("run scripts/setup-observability (apt-get install prometheus; Jaeger v2 and "
+              "VictoriaLogs via go install)")
 
 
 def require(what: str, why: str) -> None:
@@ -52,6 +55,20 @@ def jaeger_binary() -> str | None:
         candidates.append(marker.read_text().strip())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatq" / "obs"
     candidates += [str(p) for p in sorted(cache.glob("jaeger-*/bin/jaeger"), reverse=True)]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def victorialogs_binary() -> str | None:
+    """The victoria-logs executable: $CHATQ_VICTORIALOGS_BIN, or what setup-observability built."""
+    candidates = [os.environ.get("CHATQ_VICTORIALOGS_BIN")]
+    marker = servers.REPO / ".venv" / ".obs-victorialogs"
+    if marker.exists():
+        candidates.append(marker.read_text().strip())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatq" / "obs"
+    candidates += [str(p) for p in sorted(cache.glob("victoria-logs-*/bin/victoria-logs"), reverse=True)]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
@@ -264,6 +281,76 @@ def jaeger_server() -> Iterator[Jaeger]:
         finally:
             # Jaeger takes 10 s to drain on SIGTERM; its in-memory store needs none of that.
             server.stop(timeout=2)
+
+
+@dataclass
+class VictoriaLogs:
+    """A running VictoriaLogs (filesystem storage in a temp dir): OTLP logs in, LogsQL out."""
+
+    server: servers.Server
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def otlp_logs(self) -> str:
+        """The OTLP/HTTP logs URL (what OTEL_EXPORTER_OTLP_LOGS_ENDPOINT takes)."""
+        return f"{self.url}/insert/opentelemetry/v1/logs"
+
+    def query(self, logsql: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every log entry a LogsQL query matches, as the HTTP API returns them (JSON lines)."""
+        # Entries are searchable once their in-memory part is flushed; ask for that first.
+        with urllib.request.urlopen(f"{self.url}/internal/force_flush", timeout=10):
+            pass
+        body = urllib.parse.urlencode({"query": logsql, "limit": str(limit)}).encode()
+        try:
+            with urllib.request.urlopen(f"{self.url}/select/logsql/query", data=body, timeout=10) as resp:
+                text = resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"LogsQL {logsql!r} failed: {exc.code} {exc.read()!r}") from None
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def wait_query(self, logsql: str, check: Callable[[list[dict[str, Any]]], bool], what: str,
+                   timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Poll a query until its entries pass `check` (batches arrive a moment later)."""
+        deadline = time.monotonic() + timeout
+        entries: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            entries = self.query(logsql)
+            if check(entries):
+                return entries
+            time.sleep(0.5)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {logsql!r} gave "
+                             f"{json.dumps(entries)[-3000:]}\n{self.server.logs()[-2000:]}")
+
+
+@contextlib.contextmanager
+def victorialogs_server() -> Iterator[VictoriaLogs]:
+    """VictoriaLogs storing in a temporary folder, on a free loopback port."""
+    exe = victorialogs_binary()
+    if exe is None:
+        require("the log store (VictoriaLogs)", "no victoria-logs binary")
+    assert exe is not None
+    port = servers.free_port()
+    with tempfile.TemporaryDirectory(prefix="chatq-victorialogs-") as tmp:
+        log = Path(tmp) / "victoria-logs.log"
+        proc = servers._popen([exe, f"-storageDataPath={tmp}/data", f"-httpListenAddr=127.0.0.1:{port}",
+                               "-retentionPeriod=1d", "-loggerLevel=WARN"], log)
+        server = servers.Server(f"http://127.0.0.1:{port}", port, proc, log)
+        try:
+            servers.wait_for(lambda: servers.http_ok(f"{server.url}/health"),
+                             f"victoria-logs on port {port}", 60, proc, log)
+            yield VictoriaLogs(server)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def victorialogs() -> Iterator[VictoriaLogs]:
+    """A fresh VictoriaLogs for this test."""
+    with victorialogs_server() as server:
+        yield server
 
 
 @pytest.fixture
