@@ -173,6 +173,7 @@ def test_api_and_worker_probes(tools: Tools) -> None:
     worker = container(find(objs, "Deployment", "chatq-worker"))
     assert worker["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert worker["livenessProbe"]["terminationGracePeriodSeconds"] == 10  # a frozen worker: no 150 s wait
     operator = container(find(objs, "Deployment", "chatq-operator"))
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert env(find(objs, "Deployment", "chatq-operator"))["CHATQ_OPERATOR_LIVENESS"].endswith(
