@@ -43,3 +43,5 @@ concurrency = Gauge("chatq_worker_concurrency", "Jobs this worker may run at onc
 dead_letters = Counter("chatq_dead_letters", "Messages moved to the dead-letter queue.",
                        ["reason"])
 deliveries = Counter("chatq_deliveries", "Messages received from the queue.", ["queue"])
+janitor_actions = Counter("chatq_janitor_actions",
+                          "Stale running jobs the janitor requeued or failed.", ["action"])

@@ -6,6 +6,9 @@ Every Redis key chatq uses is named here:
 - `chatq:job:<id>:events`   stream: `attempt`, `delta` and `done` events, for SSE and resume
 - `chatq:idem:<owner>:<key>` string: "<fingerprint> <job id>" for Idempotency-Key
 - `chatq:busy:<worker id>`  string: in-flight jobs of one worker, read by the operator
+- `chatq:leases`            sorted set: the id of every `running` job, scored by its lease
+                            expiry (ms); what the stale-job janitor sweeps. Bounded by the
+                            jobs running now: finish, cancel and hand-back remove the member
 - channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls)
 - `chatq:webhook:on`        string: set once any webhook endpoint exists; until then no
                             webhook events are recorded
@@ -27,12 +30,16 @@ import contextlib
 import functools
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 
 from chatq import errors, jobs
 from chatq import settings as settings_mod
@@ -40,6 +47,8 @@ from chatq import settings as settings_mod
 log = logging.getLogger(__name__)
 
 DONE_CHANNEL = "chatq:done"
+LEASES_KEY = "chatq:leases"
+JOB_PREFIX = "chatq:job:"
 TERMINAL = tuple(s.value for s in jobs.Status if s.terminal)
 JSON_FIELDS = ("error", "usage", "metadata", "request", "view")
 FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
@@ -47,7 +56,7 @@ FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
 
 def job_key(job_id: str) -> str:
     """The hash that holds a job's record."""
-    return f"chatq:job:{job_id}"
+    return f"{JOB_PREFIX}{job_id}"
 
 
 def events_key(job_id: str) -> str:
@@ -87,12 +96,35 @@ def webhook_dead_key(owner: str) -> str:
     return f"chatq:webhook:dead:{owner}"
 
 
-def connect(cfg: settings_mod.RedisSettings) -> aioredis.Redis:
-    """A client whose pool makes callers wait (up to the timeout) rather than fail at the cap."""
+# Idle connections are probed after 10 s and dropped after 3 unanswered probes 5 s apart,
+# so a peer that vanished without a FIN (a cut route) does not hold a connection for ever.
+_KEEPALIVE = {opt: value for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5),
+                                             ("TCP_KEEPCNT", 3))
+              if (opt := getattr(socket, name, None)) is not None}
+# A Redis that restarts answers LOADING while it reads its AOF: waited out in these steps.
+BUSY_RETRY_SECONDS = 0.25
+# The longest any blocking read of the events client blocks (SSE keep-alives come at this
+# pace); its socket timeout is this much longer than the plain one.
+MAX_EVENTS_BLOCK_SECONDS = 15.0
+
+
+def connect(cfg: settings_mod.RedisSettings, blocking_seconds: float = 0.0) -> aioredis.Redis:
+    """A client whose pool makes callers wait (up to the timeout) rather than fail at the cap.
+
+    Every reply is awaited at most `timeout_seconds` (plus `blocking_seconds` for a client
+    that issues blocking reads of up to that long): a Redis that stops answering, rather
+    than refusing, must turn into StoreUnavailable (a 503, a message left for later), not a
+    hang. `BUSY LOADING` while a restarted Redis reads its data is retried for about as long.
+    """
+    busy = Retry(ConstantBackoff(BUSY_RETRY_SECONDS),
+                 max(1, int(cfg.timeout_seconds / BUSY_RETRY_SECONDS)),
+                 supported_errors=(redis.exceptions.BusyLoadingError,))
     pool = aioredis.BlockingConnectionPool.from_url(
         cfg.url, max_connections=cfg.max_connections, timeout=cfg.timeout_seconds,
         decode_responses=True, socket_connect_timeout=cfg.timeout_seconds,
-        health_check_interval=30)
+        socket_timeout=cfg.timeout_seconds + blocking_seconds, socket_keepalive=True,
+        socket_keepalive_options=_KEEPALIVE, health_check_interval=30, retry=busy,
+        retry_on_error=[redis.exceptions.BusyLoadingError])
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
@@ -144,6 +176,7 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
 end
 redis.call('XADD', KEYS[2], '*', 'type', 'attempt', 'data', '{"attempt":' .. attempts .. '}')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[4])
 return 'ok'
 """
 
@@ -156,6 +189,7 @@ if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], '_lease_until', now + tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 return 'ok'
 """
 
@@ -175,6 +209,7 @@ redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[4])
+redis.call('ZREM', KEYS[6], ARGV[4])
 """ + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace(
     "STATUS", "redis.call('HGET', KEYS[1], 'status')") + """
 return 'ok'
@@ -193,6 +228,7 @@ redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', '{"status":"cancelled"}')
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[6], ARGV[2])
 """ + _WEBHOOK_EVENT.replace("JOB", "ARGV[2]").replace("STATUS", "'cancelled'") + """
 return 'cancelled'
 """
@@ -203,7 +239,66 @@ if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 'done' end
 redis.call('HSET', KEYS[1], 'status', 'queued')
 redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+redis.call('ZREM', KEYS[2], ARGV[2])
 return 'ok'
+"""
+
+# Lua: the janitor's pick. Running jobs whose lease expired over ARGV[1] ms ago, up to
+# ARGV[2] of them; each one returned is re-scored to now, so every other worker's sweep
+# skips it for another stale period (this is what makes the sweep leader-free). Members
+# that are no longer running are dropped. Returns id, requeues, lease expiry (ms) triples.
+# Job keys are built here from ARGV[3] (the prefix): fine on one Redis, not on a cluster.
+_PICK_STALE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cutoff = now - tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  local key = ARGV[3] .. id
+  local st = redis.call('HGET', key, 'status')
+  local untl = tonumber(redis.call('HGET', key, '_lease_until') or '0')
+  if st ~= 'running' then
+    redis.call('ZREM', KEYS[1], id)
+  elseif untl > cutoff then
+    redis.call('ZADD', KEYS[1], untl, id)
+  else
+    redis.call('ZADD', KEYS[1], now, id)
+    table.insert(out, id)
+    table.insert(out, redis.call('HGET', key, '_requeues') or '0')
+    table.insert(out, tostring(untl))
+  end
+end
+return out
+"""
+
+# Lua: the janitor's act on one stale job, only if it is still running on a lease that
+# expired over ARGV[2] ms ago (a worker may have taken it meanwhile). ARGV[1] 'requeue':
+# back to queued (the caller has already sent a new message); 'fail': failed with the error
+# ARGV[5] and the done event ARGV[6]. ARGV[3] ttl, ARGV[4] job id.
+_ABANDON = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then redis.call('ZREM', KEYS[6], ARGV[4]) return 'missing' end
+if st ~= 'running' then return st end
+local t = redis.call('TIME')
+local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_until') or '0')
+if untl > nowms - tonumber(ARGV[2]) then return 'live' end
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+redis.call('ZREM', KEYS[6], ARGV[4])
+if ARGV[1] == 'requeue' then
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', now)
+  return 'requeued'
+end
+redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[5], 'finished_at', now,
+  'updated_at', now)
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace("STATUS", "'failed'") + """
+return 'failed'
 """
 
 
@@ -221,26 +316,46 @@ def _decode_record(raw: dict[str, str]) -> dict[str, Any]:
     return record
 
 
+@dataclass(frozen=True)
+class StaleJob:
+    """A running job whose lease expired long ago, as the janitor's pick returns it."""
+
+    job_id: str
+    requeues: int
+    """How often a janitor has put it back on the queue already."""
+    lease_until: float
+    """When its last lease ran out (Unix seconds)."""
+
+
 class Store:
     """chatq's Redis: job records, events, idempotency and busy counts."""
 
-    def __init__(self, client: aioredis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: int,
+                 events_client: aioredis.Redis | None = None) -> None:
         self.redis = client
         self.ttl = ttl_seconds
+        # SSE readers block on their own pool: idle streams cannot starve plain requests
+        # of connections, and their longer socket timeout covers the block.
+        self.events = events_client or client
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._release = client.register_script(_RELEASE)
+        self._pick_stale = client.register_script(_PICK_STALE)
+        self._abandon = client.register_script(_ABANDON)
 
     @classmethod
     def from_settings(cls, cfg: settings_mod.RedisSettings) -> Store:
-        """A Store with its own connection pool."""
-        return cls(connect(cfg), cfg.results_ttl_seconds)
+        """A Store with its own connection pools (plain calls, blocking event reads)."""
+        return cls(connect(cfg), cfg.results_ttl_seconds,
+                   connect(cfg, blocking_seconds=MAX_EVENTS_BLOCK_SECONDS))
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         await self.redis.aclose()
+        if self.events is not self.redis:
+            await self.events.aclose()
 
     @translate_errors
     async def ping(self) -> None:
@@ -310,7 +425,8 @@ class Store:
     async def cancel(self, job_id: str) -> str:
         """Cancel unless terminal; returns the status after the call ('missing' if none)."""
         return str(await self._cancel(
-            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS],
+            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
+                  LEASES_KEY],
             args=[self.ttl, job_id]))
 
     @translate_errors
@@ -323,9 +439,11 @@ class Store:
     @translate_errors
     async def read_events(self, job_id: str, after: str, block_ms: int,
                           count: int = 500) -> list[tuple[str, dict[str, str]]]:
-        """Events after stream id `after`, waiting up to block_ms for the first."""
-        reply = cast(list[Any], await self.redis.xread({events_key(job_id): after}, count=count,
-                                                       block=block_ms or None))
+        """Events after stream id `after`, waiting up to block_ms (at most
+        MAX_EVENTS_BLOCK_SECONDS) for the first."""
+        block_ms = min(block_ms, int(MAX_EVENTS_BLOCK_SECONDS * 1000))
+        reply = cast(list[Any], await self.events.xread({events_key(job_id): after}, count=count,
+                                                        block=block_ms or None))
         if not reply:
             return []
         return [(str(eid), dict(data)) for eid, data in reply[0][1]]
@@ -335,19 +453,19 @@ class Store:
     @translate_errors
     async def claim(self, job_id: str, token: str, lease_seconds: float) -> str:
         """'ok' when this worker now holds the job; else missing|leased|<terminal status>."""
-        return str(await self._claim(keys=[job_key(job_id), events_key(job_id)],
-                                     args=[token, int(lease_seconds * 1000), self.ttl]))
+        return str(await self._claim(keys=[job_key(job_id), events_key(job_id), LEASES_KEY],
+                                     args=[token, int(lease_seconds * 1000), self.ttl, job_id]))
 
     @translate_errors
     async def renew(self, job_id: str, token: str, lease_seconds: float) -> str:
         """'ok' when the lease was extended; 'cancelled', 'lost'... otherwise."""
-        return str(await self._renew(keys=[job_key(job_id)],
-                                     args=[token, int(lease_seconds * 1000)]))
+        return str(await self._renew(keys=[job_key(job_id), LEASES_KEY],
+                                     args=[token, int(lease_seconds * 1000), job_id]))
 
     @translate_errors
     async def release(self, job_id: str, token: str) -> str:
         """Hand a running job back to the queue state (worker shutting down)."""
-        return str(await self._release(keys=[job_key(job_id)], args=[token]))
+        return str(await self._release(keys=[job_key(job_id), LEASES_KEY], args=[token, job_id]))
 
     @translate_errors
     async def start_attempt(self, job_id: str) -> int:
@@ -383,8 +501,39 @@ class Store:
         done = {"status": status.value, "answer": answer or None, "error": error, "usage": usage}
         flat = [x for pair in fields.items() for x in pair]
         return str(await self._finish(
-            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS],
+            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
+                  LEASES_KEY],
             args=[token, self.ttl, json.dumps(done), job_id, *flat]))
+
+    # --- the janitor's side ------------------------------------------------------------
+
+    @translate_errors
+    async def pick_stale(self, stale_seconds: float, limit: int) -> list[StaleJob]:
+        """Running jobs whose lease expired over stale_seconds ago; each is this caller's to
+        act on until another stale period has passed."""
+        flat = cast(list[str], await self._pick_stale(
+            keys=[LEASES_KEY], args=[int(stale_seconds * 1000), limit, JOB_PREFIX]))
+        return [StaleJob(flat[i], int(flat[i + 1]), int(flat[i + 2]) / 1000)
+                for i in range(0, len(flat), 3)]
+
+    @translate_errors
+    async def count_requeue(self, job_id: str) -> int:
+        """Count one more requeue of a stale job (before its new message is sent, so a
+        worker that takes the job off that message at once cannot make it uncounted)."""
+        return int(await self.redis.hincrby(job_key(job_id), "_requeues", 1))
+
+    @translate_errors
+    async def abandon(self, job_id: str, stale_seconds: float, action: str,
+                      error: dict[str, str] | None = None) -> str:
+        """Requeue or fail a stale running job: 'requeued'|'failed', or why not ('live' when
+        a worker renewed or took it meanwhile, or the status it has)."""
+        error = error or {"code": "abandoned", "message": "no worker finished the job"}
+        done = {"status": jobs.Status.FAILED.value, "answer": None, "error": error, "usage": None}
+        return str(await self._abandon(
+            keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
+                  LEASES_KEY],
+            args=[action, int(stale_seconds * 1000), self.ttl, job_id, json.dumps(error),
+                  json.dumps(done)]))
 
     @translate_errors
     async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int) -> None:

@@ -98,6 +98,16 @@ class WorkerSettings(_Group):
     In Kubernetes the chart sets it to the pod name."""
     busy_report_seconds: float = 5.0
     """How often the worker writes its in-flight count to Redis for the operator. Default 5 s."""
+    janitor_seconds: float = Field(30.0, ge=0)
+    """How often each worker sweeps for `running` jobs nobody works on (their lease long
+    expired, their message gone), in seconds, jittered; 0 turns the sweep off. Default 30."""
+    stale_seconds: float = Field(120.0, gt=0)
+    """How long past its lease expiry a `running` job must be before the sweep acts on it, in
+    seconds; keep it above the visibility timeout plus the long-poll wait, so the queue's own
+    redelivery comes first. Default 120."""
+    janitor_requeues: int = Field(1, ge=0)
+    """Times the sweep puts a stale job back on the queue (a new message) before it fails it
+    with the error `abandoned`. Default 1."""
 
 
 class QueueSettings(_Group):

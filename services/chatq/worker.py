@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 
-from chatq import errors, jobs, llm, metrics, results, telemetry
+from chatq import errors, janitor, jobs, llm, metrics, results, telemetry
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Queue
 
@@ -79,6 +79,7 @@ class Worker:
         self.tasks: dict[asyncio.Task[None], Delivery] = {}
         self.stopping = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
+        self._janitor: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Ask the worker to drain and exit (SIGTERM)."""
@@ -109,6 +110,9 @@ class Worker:
                 delay = min(10.0, delay * 2)
         metrics.concurrency.set(self.concurrency)
         self._reporter = asyncio.create_task(self._report_busy(), name="busy-report")
+        if self.settings.worker.janitor_seconds > 0:
+            sweeper = janitor.Janitor(self.settings.worker, self.store, self.queue)
+            self._janitor = asyncio.create_task(sweeper.run(self.stopping), name="janitor")
         log.info("worker %s ready: %s queue %r, concurrency %d, model %s%s", self.id,
                  self.queue.backend, self.queue.name, self.concurrency, self.llm.default_model,
                  " (llmsim)" if self.llm.simulated else "")
@@ -167,10 +171,11 @@ class Worker:
                 for task in late:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
-        if self._reporter is not None:
-            self._reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporter
+        for helper in (self._reporter, self._janitor):
+            if helper is not None:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
         with contextlib.suppress(errors.ChatqError):
             await self.store.clear_busy(self.id)
         log.info("worker %s stopped", self.id)
@@ -265,12 +270,17 @@ class Worker:
         while True:
             await asyncio.sleep(self.heartbeat_every)
             try:
-                state = await self.store.renew(job_id, token, self.lease)
-                if state == "ok":
-                    await self.queue.extend(delivery, self.lease)
-                    continue
-            except errors.ChatqError as exc:
-                log.warning("cannot renew the lease of job %s: %s", job_id, exc)
+                # Each beat is bounded by the beat interval: a call stuck on a silent link
+                # must not hold up the next renewal (a queue that hangs would otherwise
+                # keep the record's lease from being renewed too).
+                async with asyncio.timeout(self.heartbeat_every):
+                    state = await self.store.renew(job_id, token, self.lease)
+                    if state == "ok":
+                        await self.queue.extend(delivery, self.lease)
+                        continue
+            except (errors.ChatqError, TimeoutError) as exc:
+                log.warning("cannot renew the lease of job %s: %s", job_id,
+                            exc or "no answer within the heartbeat interval")
                 continue
             verdict.append(state)
             work.cancel()

@@ -41,7 +41,7 @@ class RedisStreamsQueue:
         self.dlq = f"{cfg.name}-dlq"
         self.group = cfg.group
         self.consumer = consumer
-        self.redis = results.connect(redis_cfg)
+        self.redis = results.connect(redis_cfg, blocking_seconds=MAX_BLOCK_SECONDS)
         self._visibility_ms = cfg.visibility_seconds * 1000
         self._next_autoclaim = 0.0
 
