@@ -126,16 +126,35 @@ class Dispatcher:
                 read = cast(list[Any], await self.redis.xreadgroup(
                     GROUP, self.consumer, {results.WEBHOOK_EVENTS: ">"}, count=100, block=1000))
                 entries = [(str(i), dict(f)) for i, f in read[0][1]] if read else []
-            for entry_id, fields in entries:
-                await self._fan_out_one(entry_id, fields)
+            if entries:
+                await self._fan_out_batch(entries)
             if entries:
                 ids = [i for i, _ in entries]
                 await self.redis.xack(results.WEBHOOK_EVENTS, GROUP, *ids)
                 await self.redis.xdel(results.WEBHOOK_EVENTS, *ids)
                 self._kick.set()
 
-    async def _fan_out_one(self, entry_id: str, fields: dict[str, str]) -> None:
-        owner = fields.get("owner", "")
+    async def _fan_out_batch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        """One delivery per (event, subscribed endpoint), written in one round trip."""
+        owners: dict[str, list[webhooks.Endpoint]] = {}
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id, fields in entries:
+                owner = fields.get("owner", "")
+                if owner not in owners:
+                    owners[owner] = await self.endpoints.list(owner)
+                for delivery_id, endpoint_id, body in self._deliveries(entry_id, fields,
+                                                                       owners[owner]):
+                    await self._enqueue(
+                        keys=[results.webhook_delivery_key(delivery_id), results.WEBHOOK_OUTBOX],
+                        args=[now, "id", delivery_id, "endpoint", endpoint_id, "owner", owner,
+                              "body", body, "attempts", 0, "first_at", now], client=pipe)
+            await pipe.execute()
+
+    @staticmethod
+    def _deliveries(entry_id: str, fields: dict[str, str], endpoints: list[webhooks.Endpoint]
+                    ) -> list[tuple[str, str, str]]:
+        """(delivery id, endpoint id, body) for one event."""
         if "type" in fields:  # emitted directly (batch events)
             kind: str | None = fields["type"]
             data_id = fields.get("object", "")
@@ -144,19 +163,10 @@ class Dispatcher:
                                        fields.get("finish_reason", ""))
             data_id = webhooks.object_id(fields.get("kind", "chat"), fields.get("job", ""))
         if kind is None:
-            return
-        at = float(fields.get("at") or time.time())
+            return []
         ident = webhooks.event_id(entry_id)
-        body = webhooks.payload(ident, kind, data_id, at)
-        now = time.time()
-        for endpoint in await self.endpoints.list(owner):
-            if not endpoint.wants(kind):
-                continue
-            delivery_id = f"{ident}.{endpoint.id}"
-            await self._enqueue(
-                keys=[results.webhook_delivery_key(delivery_id), results.WEBHOOK_OUTBOX],
-                args=[now, "id", delivery_id, "endpoint", endpoint.id, "owner", owner,
-                      "body", body, "attempts", 0, "first_at", now])
+        body = webhooks.payload(ident, kind, data_id, float(fields.get("at") or time.time()))
+        return [(f"{ident}.{e.id}", e.id, body) for e in endpoints if e.wants(kind)]
 
     # --- delivery --------------------------------------------------------------------------
 
