@@ -15,6 +15,8 @@ carry `Decision.history` over to the next poll. The rules, in the order they app
    keeping one warm pod until the queue has been idle (nothing visible, in flight, busy or
    newly added) for `idle_seconds_before_zero`; then straight to zero.
 7. Busy counts that could not be read hold any scale-down while messages are in flight.
+8. While the model is down (the workers' shared circuit breaker, `model_down`), no scale-out:
+   the backlog waits for the model, not for pods; one pod may still wake from zero, to probe.
 
 `deletion_costs` is the other pure choice: which pods the ReplicaSet should remove first.
 """
@@ -106,6 +108,7 @@ class Reason(enum.StrEnum):
     BUSY_UNKNOWN = "BusyCountsUnknown"
     SOURCE_ERROR_HOLD = "SourceErrorHold"
     FALLBACK = "Fallback"
+    MODEL_DOWN = "ModelDown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,13 +157,26 @@ class _Poll:
 
 
 def decide(metrics: Metrics | None, spec: Spec, history: History,
-           busy: Mapping[str, int] | None) -> Decision:
+           busy: Mapping[str, int] | None, model_down: bool = False) -> Decision:
     """The replicas for this poll; `metrics` is None when the queue could not be read.
 
     `busy` maps the target's live pods to their in-flight jobs (pods with no report are
     absent or 0); None when the busy counts could not be read, which holds any scale-down
-    while messages are in flight (the pods to keep would be unknown).
+    while messages are in flight (the pods to keep would be unknown). `model_down`: the
+    workers say the model is down, so more pods would not serve the backlog.
     """
+    got = _decide(metrics, spec, history, busy)
+    current = history.current_replicas
+    if model_down and got.replicas > max(current, 1):
+        held = max(current, 1)
+        return dataclasses.replace(got, replicas=held, reason=Reason.MODEL_DOWN, message=(
+            f"holding {held} replicas: the model is down, and more pods would not serve the "
+            f"backlog ({got.replicas} wanted: {got.message})"))
+    return got
+
+
+def _decide(metrics: Metrics | None, spec: Spec, history: History,
+            busy: Mapping[str, int] | None) -> Decision:
     if metrics is None:
         return _on_source_error(spec, history)
     poll = _observe(metrics, spec, history, busy or {})

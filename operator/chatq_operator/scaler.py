@@ -76,7 +76,7 @@ class Scaler:
         now = self.clock()
         history = (self.history.at(now, scale.replicas) if self.history is not None else
                    decision.History(now, scale.replicas, recommendations=((now, scale.replicas),)))
-        made = decision.decide(metrics, cfg.rules, history, busy)
+        made = decision.decide(metrics, cfg.rules, history, busy, await self._model_down(cfg))
         self.history = made.history
         if made.replicas < scale.replicas:
             await self._protect_busy(pods, busy or {})
@@ -115,6 +115,14 @@ class Scaler:
         finally:
             if self.readers.reads[cfg.queue] > reads:
                 telemetry.QUEUE_READS.labels(str(cfg.queue)).inc()
+
+    async def _model_down(self, cfg: config.ScalerConfig) -> bool:
+        """The model's health from the workers' Redis; unreadable counts as up (no hold)."""
+        try:
+            return await self.readers.model_down(cfg.busy_redis_url)
+        except sources.SourceError as exc:
+            log.debug("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
+            return False
 
     async def _busy(self, cfg: config.ScalerConfig, pods: list[str]) -> dict[str, int] | None:
         """Busy counts of the live pods; {} when none are reported, None when unreadable."""

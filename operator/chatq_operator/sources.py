@@ -182,6 +182,16 @@ class Sources:
                     out[name] = int(value)
         return out
 
+    async def model_down(self, redis_url: str) -> bool:
+        """Whether the workers' shared circuit breaker (chatq.breaker) says the model is down."""
+        if not redis_url:
+            return False
+        try:
+            state = await self._redis_client(redis_url).hget(results.model_health_key(), "state")
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise SourceError(f"model health at {_safe_url(redis_url)}: {exc}") from None
+        return bool(state == "down")
+
     def _redis_client(self, url: str) -> aioredis.Redis:
         client = self._redis.get(url)
         if client is None:

@@ -42,6 +42,10 @@ in_flight = Gauge("chatq_worker_in_flight", "Jobs this worker is running now.")
 concurrency = Gauge("chatq_worker_concurrency", "Jobs this worker may run at once.")
 dead_letters = Counter("chatq_dead_letters", "Messages moved to the dead-letter queue.",
                        ["reason"])
+model_up = Gauge("chatq_model_up",
+                 "1 while the model answers, 0 while the shared circuit breaker says it is down.")
+model_handbacks = Counter("chatq_model_handbacks",
+                          "Jobs handed back to the queue because the model was down.")
 deliveries = Counter("chatq_deliveries", "Messages received from the queue.", ["queue"])
 janitor_actions = Counter("chatq_janitor_actions",
                           "Stale running jobs the janitor requeued or failed.", ["action"])

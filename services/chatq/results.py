@@ -9,6 +9,8 @@ Every Redis key chatq uses is named here:
 - `chatq:leases`            sorted set: the id of every `running` job, scored by its lease
                             expiry (ms); what the stale-job janitor sweeps. Bounded by the
                             jobs running now: finish, cancel and hand-back remove the member
+- `chatq:model:health`      hash: the model's circuit breaker (chatq.breaker), shared by all
+- `chatq:model:probe`       string: the lock of the worker probing a down model
 - channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls)
 - `chatq:webhook:on`        string: set once any webhook endpoint exists; until then no
                             webhook events are recorded
@@ -94,6 +96,16 @@ def webhook_delivery_key(delivery_id: str) -> str:
 def webhook_dead_key(owner: str) -> str:
     """The dead-lettered deliveries of one API key."""
     return f"chatq:webhook:dead:{owner}"
+
+
+def model_health_key() -> str:
+    """The model's shared circuit breaker (chatq.breaker): a hash, read by api and operator."""
+    return "chatq:model:health"
+
+
+def model_probe_key() -> str:
+    """A short lock: the one worker that probes a down model this round."""
+    return "chatq:model:probe"
 
 
 # Idle connections are probed after 10 s and dropped after 3 unanswered probes 5 s apart,

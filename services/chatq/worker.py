@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 
-from chatq import errors, janitor, jobs, llm, metrics, results, telemetry
+from chatq import breaker, errors, janitor, jobs, llm, metrics, results, telemetry
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Queue
 
@@ -80,6 +80,9 @@ class Worker:
         self.stopping = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
+        # The model's health, shared with every worker: a down model holds the queue.
+        self.breaker = breaker.Breaker(store.redis, settings.llm, settings.redis.results_ttl_seconds)
+        self._watcher: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Ask the worker to drain and exit (SIGTERM)."""
@@ -113,6 +116,7 @@ class Worker:
         if self.settings.worker.janitor_seconds > 0:
             sweeper = janitor.Janitor(self.settings.worker, self.store, self.queue)
             self._janitor = asyncio.create_task(sweeper.run(self.stopping), name="janitor")
+        self._watcher = asyncio.create_task(self.breaker.watch(self.llm.probe), name="model-health")
         log.info("worker %s ready: %s queue %r, concurrency %d, model %s%s", self.id,
                  self.queue.backend, self.queue.name, self.concurrency, self.llm.default_model,
                  " (llmsim)" if self.llm.simulated else "")
@@ -123,6 +127,10 @@ class Worker:
         delay = 0.5
         try:
             while not self.stopping.is_set():
+                if self.breaker.down and not self.breaker.outage_over():
+                    # Hold the queue: nothing is received until the model answers again.
+                    await self.breaker.wait_change(1.0)
+                    continue
                 room = self.concurrency - len(self.tasks)
                 if room <= 0:
                     await asyncio.wait({stop, *self.tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -171,7 +179,7 @@ class Worker:
                 for task in late:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
-        for helper in (self._reporter, self._janitor):
+        for helper in (self._reporter, self._janitor, self._watcher):
             if helper is not None:
                 helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -222,12 +230,16 @@ class Worker:
             await self._fail(delivery, job_id, token, errors.PermanentError(
                 "the job's request is unreadable", code="bad_request_record"))
             return
+        if self.breaker.down:
+            await self._model_down(delivery, job_id, token, errors.ModelUnavailable(
+                f"the model is down ({self.breaker.current.last_error})"))
+            return
         await self._call_model(delivery, message, job_id, token, request, record["attempts"])
 
     async def _call_model(self, delivery: Delivery, message: jobs.QueueMessage, job_id: str,
                           token: str, request: jobs.ChatRequest, attempt: int) -> None:
         sink = JobSink(self.store, job_id, attempt)
-        work = asyncio.create_task(llm.process_query(self.llm, request, sink))
+        work = asyncio.create_task(llm.process_query(self.llm, request, sink, self.breaker))
         verdict: list[str] = []
         beat = asyncio.create_task(self._heartbeat(delivery, job_id, token, work, verdict))
         try:
@@ -241,6 +253,9 @@ class Worker:
             self._skip(job_id, verdict[0] if verdict else "cancelled")
             if verdict and verdict[0] != "lost":
                 await self.queue.ack(delivery)
+            return
+        except errors.ModelUnavailable as exc:
+            await self._model_down(delivery, job_id, token, exc)
             return
         except errors.ChatqError as exc:
             await self._fail(delivery, job_id, token, exc)
@@ -305,6 +320,24 @@ class Worker:
             metrics.dead_letters.labels(reason).inc()
         except errors.ChatqError as exc:
             log.error("cannot dead-letter message %s: %s", delivery.message_id, exc)
+
+    async def _model_down(self, delivery: Delivery, job_id: str, token: str,
+                          exc: errors.ModelUnavailable) -> None:
+        """The model is down: the job waits for it, unless it has been down too long."""
+        if self.breaker.outage_over():
+            window = self.settings.llm.outage_window_seconds
+            await self._fail(delivery, job_id, token, errors.PermanentError(
+                f"{exc}; it has been down for {self.breaker.current.down_for(time.time()):.0f}s, "
+                f"longer than CHATQ_LLM_OUTAGE_WINDOW_SECONDS={window:g}",
+                code="model_unavailable"))
+            return
+        delay = self.settings.llm.handback_delay_seconds
+        with contextlib.suppress(errors.ChatqError):
+            await self.store.release(job_id, token)
+        with contextlib.suppress(errors.ChatqError):
+            await self.queue.release(delivery, delay)
+        metrics.model_handbacks.inc()
+        log.info("job %s handed back (visible again in %.0fs): %s", job_id, delay, exc)
 
     async def _hand_back(self, delivery: Delivery, job_id: str, token: str) -> None:
         """Shutting down with the job unfinished: queued again, message visible again."""

@@ -137,3 +137,29 @@ def test_cancel_mid_stream_stops_the_generation(stack_factory: StackFactory, tin
             assert job["status"] == "cancelled" and job["answer"] is None
             nxt = wait_done(http, ask(http, "next", max_tokens=4))
             assert nxt["status"] == "succeeded"
+
+
+def test_the_server_restarted_mid_run_loses_no_job(stack_factory: StackFactory, tiny_model: Path,
+                                                   tmp_path: Path) -> None:
+    port = servers.free_port()
+    with llamacpp.llama_server(tiny_model, ctx=2048, slots=2, port=port, tmp=tmp_path) as first:
+        stack = on_llama(stack_factory, first, CHATQ_LLM_PROBE_SECONDS="0.5",
+                         CHATQ_LLM_HANDBACK_DELAY_SECONDS="0.5")
+        with stack.client() as http, chatq_client.Client(stack.url) as c:
+            ids = [ask(http, f"during a restart {i}", max_tokens=400) for i in range(6)]
+            for event in c.events(ids[0]):
+                if event.type == "delta":
+                    break  # answers are streaming
+            first.kill()
+    with stack.client() as http:
+        # While it is gone the model is down, and nothing fails.
+        deadline = time.monotonic() + 20
+        while http.get("/readyz").json()["model"]["state"] != "down":
+            assert time.monotonic() < deadline, "the model was never seen down"
+            time.sleep(0.1)
+        assert not [i for i in ids if http.get(f"/v1/chat/{i}").json()["status"] == "failed"]
+        with llamacpp.llama_server(tiny_model, ctx=2048, slots=2, port=port, tmp=tmp_path):
+            jobs = [wait_done(http, i, timeout=120) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 6, [j["error"] for j in jobs]
+    assert all(j["usage"]["completion_tokens"] == 400 for j in jobs)
+    assert "handed back" in stack.workers[0].logs()

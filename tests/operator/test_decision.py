@@ -191,3 +191,24 @@ def test_burst_then_drain_timeline() -> None:
 ], ids=["no-reports", "one-busy", "stale-keys-ignored", "clamped-to-int32"])
 def test_deletion_costs(busy: dict[str, int], costs: dict[str, int]) -> None:
     assert decision.deletion_costs(["a", "b"], busy) == costs
+
+
+MODEL_DOWN_CASES = [
+    # (name, metrics, history, replicas, reason): the backlog waits for the model, not for pods.
+    ("down-holds-scale-out", Metrics(500, 5), history(2), 2, Reason.MODEL_DOWN),
+    ("down-wakes-one-to-probe", Metrics(500, 0), history(0), 1, Reason.MODEL_DOWN),
+    ("down-still-scales-down", Metrics(0, 0), history(4), 1, Reason.SCALE_DOWN),
+    ("down-steady", Metrics(64, 0), history(2), 2, Reason.STEADY),
+]
+
+
+@pytest.mark.parametrize(("metrics", "the_history", "replicas", "reason"),
+                         [c[1:] for c in MODEL_DOWN_CASES], ids=[c[0] for c in MODEL_DOWN_CASES])
+def test_a_down_model_holds_scale_out(metrics: Metrics, the_history: History, replicas: int,
+                                      reason: Reason) -> None:
+    got = decision.decide(metrics, spec(), the_history, {}, model_down=True)
+    assert (got.replicas, got.reason) == (replicas, reason), got.message
+    if reason is Reason.MODEL_DOWN:
+        assert "the model is down" in got.message
+        # The same poll with the model up scales out.
+        assert decision.decide(metrics, spec(), the_history, {}).replicas > replicas

@@ -54,8 +54,8 @@ class Queue(Protocol):
     async def extend(self, delivery: Delivery, seconds: int) -> None:
         """Keep the lease for `seconds` more."""
 
-    async def release(self, delivery: Delivery) -> None:
-        """Hand the message back at once, for another worker."""
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        """Hand the message back, for another worker: at once, or visible after `delay` s."""
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move the message to the dead-letter queue."""

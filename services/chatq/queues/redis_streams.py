@@ -125,11 +125,13 @@ class RedisStreamsQueue:
                                 justid=True)
 
     @translate_errors
-    async def release(self, delivery: Delivery) -> None:
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         # Marked idle for longer than the visibility timeout: the next XAUTOCLAIM, by any
-        # worker, takes it at once.
+        # worker, takes it at once; with a delay, idle for that much less than the timeout.
+        idle = self._visibility_ms + 1000 if delay <= 0 else max(
+            0, self._visibility_ms - int(delay * 1000))
         await self.redis.xclaim(self.name, self.group, self.consumer, 0, [delivery.handle],
-                                idle=self._visibility_ms + 1000, justid=True)
+                                idle=idle, justid=True)
 
     @translate_errors
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

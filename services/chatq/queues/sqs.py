@@ -167,8 +167,8 @@ class SqsQueue:
         await sqs.change_message_visibility(QueueUrl=self.url, ReceiptHandle=delivery.handle,
                                             VisibilityTimeout=seconds)
 
-    async def release(self, delivery: Delivery) -> None:
-        await self.extend(delivery, 0)
+    async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
+        await self.extend(delivery, min(43200, max(0, round(delay))))  # SQS's bounds
 
     @_translate
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import prometheus_client
 from fastapi import APIRouter, Response
 
-from chatq import errors
+from chatq import breaker, errors
 from chatq import metrics as chatq_metrics
 from chatq.api.deps import QueueDep, StoreDep, api_error
 
@@ -31,12 +31,19 @@ async def readyz(store: StoreDep, queue: QueueDep) -> dict[str, Any]:
         depth = await queue.depth()
     except errors.ChatqError as exc:
         raise api_error(503, "queue_unavailable", f"the {queue.backend} queue: {exc}") from None
-    return {"status": "ready", "queue": {"backend": queue.backend, "name": queue.name,
-                                         "visible": depth.visible, "in_flight": depth.in_flight}}
+    # A down model does not make the api unready: it still takes questions, which wait in
+    # the queue until the model is back (or the outage window ends).
+    model = await breaker.read_view(store.redis)
+    chatq_metrics.model_up.set(0 if model.down else 1)
+    return {"status": "ready",
+            "queue": {"backend": queue.backend, "name": queue.name,
+                      "visible": depth.visible, "in_flight": depth.in_flight},
+            "model": {"state": "down" if model.down else "up", "down_since": model.down_since,
+                      "last_error": model.last_error or None}}
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics(queue: QueueDep) -> Response:
+async def metrics(queue: QueueDep, store: StoreDep) -> Response:
     # The queue's depth is read at scrape time, so backlog alerts work with no operator and
     # with no worker running (the very case the "no workers" alert is for).
     try:
@@ -48,5 +55,9 @@ async def metrics(queue: QueueDep) -> Response:
         for state in ("visible", "in_flight"):
             with contextlib.suppress(KeyError):
                 chatq_metrics.queue_messages.remove(queue.name, state)
+    with contextlib.suppress(errors.ChatqError, TimeoutError):
+        async with asyncio.timeout(2):
+            model = await breaker.read_view(store.redis)
+        chatq_metrics.model_up.set(0 if model.down else 1)
     return Response(prometheus_client.generate_latest(),
                     media_type=prometheus_client.CONTENT_TYPE_LATEST)
