@@ -172,6 +172,22 @@ def test_model_429_is_retried_and_completes(stack_factory: StackFactory, backend
         # A retry before any text is invisible: one message item, numbers without gaps.
         assert sum(e.type == "response.output_item.added" for e in events) == 1
         assert [e.sequence_number for e in events] == list(range(len(events)))
+        # A retry after text was streamed: the abandoned item is closed, the answer restarts
+        # in the next output_index, and GET shows only the final message.
+        flaky = list(client.responses.create(
+            input=unique("flaky llmsim:fail=midstream llmsim:times=1 llmsim:itl_ms=60 "
+                         "llmsim:tokens=10"), background=True, stream=True))
+        assert [e.output_index for e in flaky if e.type == "response.output_item.added"] == [0, 1]
+        abandoned = next(e for e in flaky if e.type == "response.output_item.done")
+        assert abandoned.output_index == 0 and abandoned.item.status == "incomplete"
+        assert [e.sequence_number for e in flaky] == list(range(len(flaky)))
+        final = flaky[-1].response  # type: ignore[union-attr]
+        second = "".join(e.delta for e in flaky
+                         if e.type == "response.output_text.delta" and e.output_index == 1)
+        assert flaky[-1].type == "response.completed" and final.output_text == second
+        kept = client.responses.retrieve(final.id)
+        assert kept.output_text == second and len(kept.output) == 1
+
         failed = client.responses.create(input=unique("down llmsim:fail=500"), background=True)
         gone = wait_status(client, failed.id, "failed", "completed")
         assert gone.status == "failed" and gone.error is not None
