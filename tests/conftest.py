@@ -52,6 +52,28 @@ def elasticmq() -> Iterator[servers.Server]:
 
 
 @pytest.fixture(scope="session")
+def s3() -> Iterator[servers.Server]:
+    """One S3-compatible server (moto's) for the session; tests use their own key prefixes."""
+    try:
+        cm = servers.s3_server()
+        server = cm.__enter__()
+    except (RuntimeError, TimeoutError) as exc:
+        _require("moto's S3 server", exc)
+    try:
+        yield server
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def s3_env(server: servers.Server) -> dict[str, str]:
+    """Settings that put a stack's files into the test S3 server, under a fresh prefix."""
+    return {"CHATQ_FILES_STORE": "s3", "CHATQ_FILES_S3_BUCKET": server.extra["bucket"],
+            "CHATQ_FILES_S3_ENDPOINT": server.url,
+            "CHATQ_FILES_S3_PREFIX": f"t-{uuid.uuid4().hex[:8]}/",
+            "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"}
+
+
+@pytest.fixture(scope="session")
 def llmsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Server]:
     """One llmsim for the session: fast by default, slowed per request by directives."""
     env = servers.chatq_env(CHATQ_LLMSIM_TTFT_MS="30", CHATQ_LLMSIM_ITL_MS="5",
@@ -79,6 +101,14 @@ class Stack:
     def client(self, api_key: str = "") -> httpx.Client:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def start_api(self, **env: str) -> servers.Server:
+        """Another api process (on a port of its own), e.g. after the first was killed."""
+        cm = servers.chatq_process("api", {**self.env, **env}, port_var="CHATQ_API_PORT",
+                                   tmp=self.tmp)
+        self.api = cm.__enter__()
+        self._stack.append(cm)
+        return self.api
 
     def start_worker(self, **env: str) -> servers.Server:
         """Another worker process on the same queue."""
@@ -118,6 +148,7 @@ def stack_factory(request: pytest.FixtureRequest, llmsim: servers.Server, redis_
             CHATQ_LLM_BACKOFF_MAX_SECONDS="1",
             CHATQ_WORKER_GRACE_SECONDS="10",
             CHATQ_WORKER_BUSY_REPORT_SECONDS="1",
+            CHATQ_FILES_DIR=str(tmp_path / "files"),
         )
         if backend == "sqs":
             mq = request.getfixturevalue("elasticmq")

@@ -258,3 +258,26 @@ class WebhookReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+@contextlib.contextmanager
+def s3_server(bucket: str = "chatq-files", port: int | None = None) -> Iterator[Server]:
+    """A real S3-compatible server (moto's, in memory) with `bucket` made; extra['bucket']."""
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        raise RuntimeError("moto's server is not installed: run scripts/setup (it installs moto[server])")
+    port = port or free_port()
+    with tempfile.TemporaryDirectory(prefix="chatq-s3-") as tmp:
+        log = Path(tmp) / "moto.log"
+        proc = _popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], log)
+        url = f"http://127.0.0.1:{port}"
+        server = Server(url, port, proc, log, {"bucket": bucket})
+        try:
+            wait_for(lambda: http_ok(f"{url}/moto-api/"), f"moto's S3 server on port {port}", 60, proc, log)
+            import botocore.session
+
+            s3 = botocore.session.get_session().create_client(
+                "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                aws_secret_access_key="x")
+            s3.create_bucket(Bucket=bucket)
+            yield server
+        finally:
+            server.stop()

@@ -20,6 +20,15 @@ Every Redis key chatq uses is named here:
 - `chatq:webhook:outbox`    sorted set: delivery id scored by its next attempt (unix s)
 - `chatq:webhook:delivery:<id>` hash: one event for one endpoint, its attempts and last error
 - `chatq:webhook:dead:<owner>` list: dead-lettered deliveries, newest first (bounded)
+- `chatq:file:<id>`          hash: a file's metadata (its body is in the file store)
+- `chatq:files:<owner>`      sorted set: one key's file ids by creation time
+- `chatq:batch:<id>`         hash: a batch (status, timestamps, counts, feed cursor)
+- `chatq:batches:<owner>`    sorted set: one key's batch ids by creation time
+- `chatq:batches:active`     sorted set: batches the feeder still has work for
+- `chatq:batch-feeder`       string: the lease of the one process that feeds batches
+
+A batch line is a job like any other (`chatq:job:<id>`) whose record names its batch;
+finishing it counts it in the batch's `completed` or `failed`, in the same script.
 
 The state changes that must be atomic (claim, renew, finish, cancel, hand back) are Lua
 scripts, so a job's answer is written once however often its message is delivered.
@@ -96,6 +105,31 @@ def webhook_delivery_key(delivery_id: str) -> str:
 def webhook_dead_key(owner: str) -> str:
     """The dead-lettered deliveries of one API key."""
     return f"chatq:webhook:dead:{owner}"
+
+
+def file_key(file_id: str) -> str:
+    """The hash that holds a file's metadata."""
+    return f"chatq:file:{file_id}"
+
+
+def files_index_key(owner: str) -> str:
+    """One API key's files, scored by creation time."""
+    return f"chatq:files:{owner}"
+
+
+BATCH_PREFIX = "chatq:batch:"
+ACTIVE_BATCHES = "chatq:batches:active"
+FEEDER_LEASE = "chatq:batch-feeder"
+
+
+def batch_key(batch_id: str) -> str:
+    """The hash that holds a batch."""
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batches_index_key(owner: str) -> str:
+    """One API key's batches, scored by creation time."""
+    return f"chatq:batches:{owner}"
 
 
 def model_health_key() -> str:
@@ -217,6 +251,12 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[1], 'finished_at', now, 'updated_at', now)
 redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+local batch = redis.call('HGET', KEYS[1], 'batch_id')
+if batch then
+  local counter = 'failed'
+  if redis.call('HGET', KEYS[1], 'status') == 'succeeded' then counter = 'completed' end
+  redis.call('HINCRBY', KEYS[7] .. batch, counter, 1)
+end
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -314,6 +354,17 @@ return 'failed'
 """
 
 
+# Lua: write a batch line's job record unless it exists (it was fed before a crash);
+# returns 'created' or the status it has. ARGV: ttl, then field/value pairs.
+_CREATE_LINE = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if st then return st end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 'created'
+"""
+
+
 def _decode_record(raw: dict[str, str]) -> dict[str, Any]:
     record: dict[str, Any] = dict(raw)
     for name in JSON_FIELDS:
@@ -356,6 +407,7 @@ class Store:
         self._release = client.register_script(_RELEASE)
         self._pick_stale = client.register_script(_PICK_STALE)
         self._abandon = client.register_script(_ABANDON)
+        self._create_line = client.register_script(_CREATE_LINE)
 
     @classmethod
     def from_settings(cls, cfg: settings_mod.RedisSettings) -> Store:
@@ -405,6 +457,33 @@ class Store:
             pipe.expire(job_key(job_id), self.ttl)
             await pipe.execute()
         return _decode_record({k: str(v) for k, v in fields.items()})
+
+    @translate_errors
+    async def create_lines(self, owner: str, batch_id: str, lines: list[dict[str, str]],
+                           simulated: bool) -> list[str]:
+        """Write the job records of batch lines (each dict: id, custom_id, url, request,
+        model, line) unless they exist; per line 'created' or the status it already has."""
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for line in lines:
+                fields = {"status": jobs.Status.QUEUED.value, "owner": owner, "created_at": now,
+                          "updated_at": now, "attempts": 0, "batch_id": batch_id,
+                          # Not "chat": a line's end is no webhook event; its batch's end is.
+                          "kind": "batch_line",
+                          "simulated": "1" if simulated else "0", **line}
+                flat = [str(x) for pair in fields.items() for x in pair]
+                await self._create_line(keys=[job_key(line["id"])], args=[self.ttl, *flat], client=pipe)
+            replies = await pipe.execute()
+        return [str(r) for r in replies]
+
+    @translate_errors
+    async def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Several job records in one round trip (None where missing)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(job_key(job_id))
+            replies = await pipe.execute()
+        return [_decode_record(raw) if raw else None for raw in replies]
 
     @translate_errors
     async def remember_idempotency(self, owner: str, key: str, fingerprint: str,
@@ -514,7 +593,7 @@ class Store:
         flat = [x for pair in fields.items() for x in pair]
         return str(await self._finish(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
-                  LEASES_KEY],
+                  LEASES_KEY, BATCH_PREFIX],
             args=[token, self.ttl, json.dumps(done), job_id, *flat]))
 
     # --- the janitor's side ------------------------------------------------------------

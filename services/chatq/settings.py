@@ -7,8 +7,10 @@ point (`chatq.cli`) and passed down; nothing reads the environment at import tim
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -245,6 +247,44 @@ class WebhookSettings(_Group):
     Default 86400 (24 h)."""
     concurrency: int = Field(64, ge=1)
     """Deliveries one dispatcher makes at once. Default 64."""
+class FilesSettings(_Group):
+    """The file store of /v1/files: batch input and output files (only metadata is in Redis)."""
+
+    store: Literal["local", "s3"] = "local"
+    """`local` (a directory, the embedded default) or `s3` (AWS S3 or an S3-compatible server)."""
+    dir: str = ""
+    """Directory of the `local` store; empty means `$XDG_CACHE_HOME/chatq/files` (the data
+    directory `chatq up` uses, ~/.cache/chatq/files)."""
+    s3_bucket: str = ""
+    """S3 bucket of the `s3` store (it must exist)."""
+    s3_prefix: str = "chatq/files/"
+    """Key prefix of the files in the bucket. Default chatq/files/."""
+    s3_endpoint: str = ""
+    """S3 endpoint override for S3-compatible servers (MinIO, moto...); empty means AWS."""
+    s3_region: str = "us-east-1"
+    """AWS region of the bucket. Default us-east-1."""
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    """Largest upload in bytes; larger gets 413. Default 209715200 (200 MB, OpenAI's limit)."""
+    max_lines: int = Field(50_000, ge=1)
+    """Most requests in one batch input file. Default 50000 (OpenAI's limit)."""
+
+
+class BatchSettings(_Group):
+    """Batches: how their lines are fed to the workers beside interactive work."""
+
+    completion_window_seconds: int = Field(24 * 3600, ge=1)
+    """How long a batch's `completion_window: "24h"` lasts, in seconds; the lines not done
+    by then are reported expired. Default 86400 (tests shorten it)."""
+    queue_suffix: str = "-batch"
+    """The batch lane is its own queue, named `<CHATQ_QUEUE_NAME><suffix>`. Default -batch."""
+    lane_window: int = Field(256, ge=1)
+    """Most batch lines (of all batches) queued or running at once; the feeder adds more as
+    they finish, sharing the room round-robin among API keys. Default 256."""
+    feed_seconds: float = 0.2
+    """How often the feeder looks at the active batches, in seconds. Default 0.2."""
+    reserve: int = Field(2, ge=0)
+    """Slots of each worker kept free for interactive work: a worker takes batch lines only
+    while more than this many of its `CHATQ_WORKER_CONCURRENCY` slots are free. Default 2."""
 
 
 class TelemetrySettings(_Group):
@@ -286,6 +326,8 @@ class Settings(BaseSettings):
     llm: LlmSettings = LlmSettings()
     llmsim: LlmsimSettings = LlmsimSettings()
     webhook: WebhookSettings = WebhookSettings()
+    files: FilesSettings = FilesSettings()
+    batch: BatchSettings = BatchSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     log: LogSettings = LogSettings()
 
@@ -319,6 +361,11 @@ class Settings(BaseSettings):
         if self.llm.model:
             return self.llm.model
         return SIMULATOR_MODEL if self.uses_simulator else "gpt-4o-mini"
+
+
+def data_dir() -> Path:
+    """Where `chatq up` keeps its data (Redis's files, the local file store), read when called."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "chatq"
 
 
 def env_table() -> list[tuple[str, str, str]]:

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 
-from chatq import breaker, errors, janitor, jobs, llm, metrics, results, telemetry
+from chatq import breaker, errors, janitor, jobs, lanes, llm, metrics, results, telemetry
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Queue
 
@@ -67,9 +67,13 @@ class Worker:
     """One worker process: up to `concurrency` jobs at once."""
 
     def __init__(self, settings: settings_mod.Settings, queue: Queue, store: results.Store,
-                 model: llm.Llm) -> None:
+                 model: llm.Llm, batch_queue: Queue | None = None) -> None:
         self.settings = settings
         self.queue = queue
+        self.batch_queue = batch_queue
+        """The batch lane, taken from only with room to spare; None: interactive only."""
+        self._batch_flowing = False
+        self._batch_next_poll = 0.0
         self.store = store
         self.llm = model
         self.id = settings.worker.id or default_worker_id()
@@ -105,6 +109,8 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 await self.queue.setup()
+                if self.batch_queue is not None:
+                    await self.batch_queue.setup()
                 break
             except (errors.StoreUnavailable, errors.TemporaryError) as exc:
                 log.warning("waiting for the %s queue %r: %s (retrying in %.0fs)",
@@ -122,8 +128,17 @@ class Worker:
                  " (llmsim)" if self.llm.simulated else "")
 
     async def main_loop(self) -> None:
-        """Receive while there is room; one task per message."""
+        """Receive while there is room; one task per message; interactive before batch.
+
+        One interactive receive is in flight whenever there is room (a long poll, so a
+        question is taken the moment it arrives). Batch lines are taken only while that poll
+        has been waiting for `lanes.QUIET_SECONDS` (no question is waiting), only into the
+        room it leaves, and never into the last `CHATQ_BATCH_RESERVE` slots; while batch
+        lines flow, the poll asks for at most that reserve, so it holds few slots.
+        """
         stop = asyncio.create_task(self.stopping.wait())
+        poll: asyncio.Task[list[Delivery]] | None = None
+        poll_size, poll_started = 0, 0.0
         delay = 0.5
         try:
             while not self.stopping.is_set():
@@ -131,36 +146,83 @@ class Worker:
                     # Hold the queue: nothing is received until the model answers again.
                     await self.breaker.wait_change(1.0)
                     continue
-                room = self.concurrency - len(self.tasks)
-                if room <= 0:
-                    await asyncio.wait({stop, *self.tasks}, return_when=asyncio.FIRST_COMPLETED)
+                room = self.concurrency - len(self.tasks) - (poll_size if poll else 0)
+                if poll is None and room > 0:
+                    batch_due = self.batch_queue is not None and (
+                        self._batch_flowing or time.monotonic() >= self._batch_next_poll)
+                    poll_size = lanes.interactive_take(room, self.settings.worker.batch_size,
+                                                       self.settings.batch.reserve, batch_due)
+                    poll = asyncio.create_task(self.queue.receive(
+                        poll_size, self.settings.queue.wait_seconds))
+                    poll_started = time.monotonic()
+                    room -= poll_size
+                timeout = None
+                if self.batch_queue is not None and poll is not None and not poll.done():
+                    quiet_for = time.monotonic() - poll_started
+                    if quiet_for < lanes.QUIET_SECONDS:
+                        timeout = lanes.QUIET_SECONDS - quiet_for
+                    else:
+                        took = await self._take_batch(room)
+                        if took == "took":
+                            continue
+                        if took == "idle":  # full: the wait wakes when a job finishes
+                            timeout = max(0.01, self._batch_next_poll - time.monotonic())
+                waiting = {stop, *self.tasks} | ({poll} if poll else set())
+                await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if poll is None or not poll.done():
                     continue
-                receive = asyncio.create_task(self.queue.receive(
-                    min(self.settings.worker.batch_size, room), self.settings.queue.wait_seconds))
-                await asyncio.wait({stop, receive}, return_when=asyncio.FIRST_COMPLETED)
-                if not receive.done():
-                    # Stopping mid long-poll: what it would have got stays on the queue.
-                    receive.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, errors.ChatqError):
-                        await receive
-                    break
+                done, poll = poll, None
                 try:
-                    deliveries = receive.result()
+                    self._start(done.result(), "interactive")
                     delay = 0.5
                 except errors.ChatqError as exc:
                     log.warning("cannot receive from the %s queue: %s (retrying in %.0fs)",
                                 self.queue.backend, exc, delay)
                     await self._sleep_unless_stopping(delay)
                     delay = min(10.0, delay * 2)
-                    continue
-                for delivery in deliveries:
-                    metrics.deliveries.labels(self.queue.backend).inc()
-                    task = asyncio.create_task(self.run_job(delivery))
-                    self.tasks[task] = delivery
-                    task.add_done_callback(self._job_done)
-                metrics.in_flight.set(len(self.tasks))
         finally:
             stop.cancel()
+            if poll is not None and not poll.done():
+                # Stopping mid long-poll: what it would have got stays on the queue.
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError, errors.ChatqError):
+                    await poll
+
+    async def _take_batch(self, room: int) -> str:
+        """Take batch lines into the spare room, without waiting: 'took' when some came,
+        'full' when there is no spare room, 'idle' when the lane is (or was just) empty."""
+        if self.batch_queue is None or time.monotonic() < self._batch_next_poll:
+            return "idle"
+        in_flight = sum(1 for d in self.tasks.values() if d.lane == "batch")
+        take = lanes.batch_take(room, self.concurrency, in_flight, self.settings.batch.reserve,
+                                self.settings.worker.batch_size)
+        if take <= 0:
+            return "full"
+        try:
+            got = await self.batch_queue.receive(take, 0)
+        except errors.ChatqError as exc:
+            log.warning("cannot receive from the batch lane: %s", exc)
+            got = []
+        self._batch_flowing = bool(got)
+        if not got:
+            self._batch_next_poll = time.monotonic() + lanes.BATCH_IDLE_SECONDS
+            return "idle"
+        self._start(got, "batch")
+        return "took"
+
+    def _start(self, deliveries: list[Delivery], lane: str) -> None:
+        for delivery in deliveries:
+            delivery.lane = lane
+            metrics.deliveries.labels(self.queue.backend).inc()
+            task = asyncio.create_task(self.run_job(delivery))
+            self.tasks[task] = delivery
+            task.add_done_callback(self._job_done)
+        metrics.in_flight.set(len(self.tasks))
+
+    def _queue_of(self, delivery: Delivery) -> Queue:
+        if delivery.lane == "batch" and self.batch_queue is not None:
+            return self.batch_queue
+        return self.queue
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
@@ -211,13 +273,13 @@ class Worker:
         if state != "ok":
             self._skip(job_id, state)
             if state != "leased":  # terminal or gone: nothing left to do for this message
-                await self.queue.ack(delivery)
+                await self._queue_of(delivery).ack(delivery)
             return
         claimed_at = time.time()
         metrics.queue_wait.observe(max(0.0, claimed_at - message.enqueued_at))
         record = await self.store.get(job_id)
         if record is None:
-            await self.queue.ack(delivery)
+            await self._queue_of(delivery).ack(delivery)
             return
         if delivery.receive_count > self.settings.queue.max_receives:
             await self._fail(delivery, job_id, token, errors.PermanentError(
@@ -252,7 +314,7 @@ class Worker:
             # The heartbeat stopped the model: cancelled by the client, or lease lost.
             self._skip(job_id, verdict[0] if verdict else "cancelled")
             if verdict and verdict[0] != "lost":
-                await self.queue.ack(delivery)
+                await self._queue_of(delivery).ack(delivery)
             return
         except errors.ModelUnavailable as exc:
             await self._model_down(delivery, job_id, token, exc)
@@ -277,7 +339,7 @@ class Worker:
         else:
             self._skip(job_id, state)
         if state != "lost":
-            await self.queue.ack(delivery)
+            await self._queue_of(delivery).ack(delivery)
 
     async def _heartbeat(self, delivery: Delivery, job_id: str, token: str,
                          work: asyncio.Task[llm.Answer], verdict: list[str]) -> None:
@@ -291,7 +353,7 @@ class Worker:
                 async with asyncio.timeout(self.heartbeat_every):
                     state = await self.store.renew(job_id, token, self.lease)
                     if state == "ok":
-                        await self.queue.extend(delivery, self.lease)
+                        await self._queue_of(delivery).extend(delivery, self.lease)
                         continue
             except (errors.ChatqError, TimeoutError) as exc:
                 log.warning("cannot renew the lease of job %s: %s", job_id,
@@ -316,7 +378,7 @@ class Worker:
 
     async def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         try:
-            await self.queue.dead_letter(delivery, reason)
+            await self._queue_of(delivery).dead_letter(delivery, reason)
             metrics.dead_letters.labels(reason).inc()
         except errors.ChatqError as exc:
             log.error("cannot dead-letter message %s: %s", delivery.message_id, exc)
@@ -335,7 +397,7 @@ class Worker:
         with contextlib.suppress(errors.ChatqError):
             await self.store.release(job_id, token)
         with contextlib.suppress(errors.ChatqError):
-            await self.queue.release(delivery, delay)
+            await self._queue_of(delivery).release(delivery, delay)
         metrics.model_handbacks.inc()
         log.info("job %s handed back (visible again in %.0fs): %s", job_id, delay, exc)
 
@@ -344,7 +406,7 @@ class Worker:
         with contextlib.suppress(errors.ChatqError):
             await self.store.release(job_id, token)
         with contextlib.suppress(errors.ChatqError):
-            await self.queue.release(delivery)
+            await self._queue_of(delivery).release(delivery)
         log.info("job %s handed back", job_id)
 
     def _skip(self, job_id: str, state: str) -> None:
@@ -375,8 +437,9 @@ async def serve(settings: settings_mod.Settings) -> None:
     worker_id = settings.worker.id or default_worker_id()
     store = results.Store.from_settings(settings.redis)
     queue = queues.open_queue(settings, consumer=worker_id)
+    batch_queue = queues.open_queue(settings, consumer=worker_id, lane="batch")
     model = llm.Llm(settings)
-    worker = Worker(settings, queue, store, model)
+    worker = Worker(settings, queue, store, model, batch_queue)
     worker.id = worker_id
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -395,5 +458,6 @@ async def serve(settings: settings_mod.Settings) -> None:
         await worker.run()
     finally:
         await queue.close()
+        await batch_queue.close()
         await model.close()
         await store.close()

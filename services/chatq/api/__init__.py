@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -16,10 +18,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatq import dispatcher, errors, metrics, results, telemetry, webhooks
+from chatq import catalog, dispatcher, errors, feeder, filestore, metrics, results, telemetry, webhooks
 from chatq import settings as settings_mod
 from chatq.api import deps, openai_errors
-from chatq.api.routes import chat, health, responses
+from chatq.api.routes import batches, chat, files, health, responses
 from chatq.api.routes import webhooks as webhook_routes
 from chatq.queues import open_queue
 
@@ -46,13 +48,18 @@ class BodyTooLarge(Exception):
 class LimitsAndMetrics:
     """Pure ASGI middleware: request-size limit (413) and per-route Prometheus metrics."""
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, upload_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_body = max_body
+        # Uploads (POST /v1/files) hold their own, larger limit while they stream.
+        self.upload_paths = upload_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope["method"] == "POST" and scope["path"] in self.upload_paths:
+            await self._measured(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -70,6 +77,10 @@ class LimitsAndMetrics:
                 raise BodyTooLarge()
             return message
 
+        await self._measured(scope, limited_receive, send)
+
+    async def _measured(self, scope: Scope, receive: Receive, send: Send) -> None:
+
         status = 500
         started = time.perf_counter()
 
@@ -80,7 +91,7 @@ class LimitsAndMetrics:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_status)
+            await self.app(scope, receive, send_status)
         finally:
             self._observe(scope, status, time.perf_counter() - started)
 
@@ -154,7 +165,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     waiter = results.DoneWaiter(store.redis)
     # The health routes read these one by one; the chat routes get all in one Services.
     app.state.store, app.state.queue, app.state.waiter = store, queue, waiter
-    app.state.services = services = deps.Services(settings, store, queue, waiter)
+    files_store = filestore.open_store(settings.files)
+    cat = catalog.Catalog(store.redis)
+    lane = open_queue(settings, lane="batch")
+    app.state.services = services = deps.Services(settings, store, queue, waiter, cat, files_store)
+
+    async def batch_event(event: str, batch: catalog.BatchRecord) -> None:
+        await webhooks.emit(store.redis, batch.owner, event, batch.id)
+
+    # Every API process runs a feeder candidate; a Redis lease lets one feed at a time.
+    feeding = asyncio.create_task(feeder.Feeder(settings, store, cat, files_store, lane,
+                                                batch_event).run(), name="batch-feeder")
     try:
         await services.ensure_queue()
     except errors.ChatqError as exc:
@@ -178,7 +199,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if sender is not None:
             await sender.stop()
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
         await waiter.stop()
+        await lane.close()
+        await files_store.close()
         await queue.close()
         await store.close()
 
@@ -199,8 +225,11 @@ def create_app(settings: settings_mod.Settings) -> FastAPI:
     app.include_router(chat.seed)
     app.include_router(responses.router)
     app.include_router(webhook_routes.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(health.router)
     _install_error_handlers(app)
-    app.add_middleware(LimitsAndMetrics, max_body=settings.api.max_body_bytes)
+    app.add_middleware(LimitsAndMetrics, max_body=settings.api.max_body_bytes,
+                       upload_paths=("/v1/files",))
     telemetry.instrument_app(app)
     return app

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from chatq import results
+from chatq import catalog, filestore, results
 from chatq import settings as settings_mod
 from chatq.queues import Queue
 
@@ -51,6 +51,8 @@ class Services:
     store: results.Store
     queue: Queue
     waiter: results.DoneWaiter
+    catalog: catalog.Catalog
+    file_store: filestore.FileStore
     queue_ready: bool = False
     _setup_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

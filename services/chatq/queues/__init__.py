@@ -23,6 +23,8 @@ class Delivery:
     handle: str = ""
     """What the backend needs to ack or extend it (SQS receipt handle, stream entry id)."""
     attributes: dict[str, str] = field(default_factory=dict)
+    lane: str = "interactive"
+    """Which lane it came from (`interactive` or `batch`); the worker acks it there."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,20 @@ class Queue(Protocol):
         """Release connections."""
 
 
-def open_queue(settings: settings_mod.Settings, consumer: str = "api") -> Queue:
-    """The configured backend, not yet set up; `consumer` names this process to it."""
-    if settings.queue.backend == "sqs":
+def open_queue(settings: settings_mod.Settings, consumer: str = "api",
+               lane: str = "interactive") -> Queue:
+    """The configured backend, not yet set up; `consumer` names this process to it.
+
+    `lane="batch"` opens the batch lane: the same backend, a queue of its own named
+    `<name><CHATQ_BATCH_QUEUE_SUFFIX>` (so interactive messages never wait behind batch lines).
+    """
+    cfg = settings.queue
+    if lane == "batch":
+        cfg = cfg.model_copy(update={"name": cfg.name + settings.batch.queue_suffix, "url": ""})
+    if cfg.backend == "sqs":
         from chatq.queues import sqs
 
-        return sqs.SqsQueue(settings.queue)
+        return sqs.SqsQueue(cfg)
     from chatq.queues import redis_streams
 
-    return redis_streams.RedisStreamsQueue(settings.queue, settings.redis, consumer)
+    return redis_streams.RedisStreamsQueue(cfg, settings.redis, consumer)
