@@ -239,6 +239,8 @@ def worker() -> Schema:
             "messagesPerReplica": integer("0: the worker concurrency.", minimum=0),
             "activationMessages": integer(minimum=0),
             "includeInFlight": boolean(),
+            "lanes": {"type": "string", "enum": ["all", "interactive"],
+                      "description": "all: the batch lane counts too; interactive: the queue alone."},
             "pollSeconds": number(minimum=0.5),
             "scaleDownStabilizationSeconds": number(minimum=0),
             "idleSecondsBeforeZero": number(minimum=0),

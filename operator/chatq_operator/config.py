@@ -34,6 +34,8 @@ class ScalerConfig:
     poll_seconds: float
     busy_redis_url: str
     """Where the workers' `chatq:busy:<pod>` keys live; empty: busy counts are not read."""
+    batch_queue: sources.QueueRef | None = None
+    """The batch lane beside `queue`, counted too (`lanes: all`); None: interactive only."""
 
 
 def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "",
@@ -74,7 +76,26 @@ def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "",
         raise InvalidSpec(f"minReplicas {rules.min_replicas} is greater than "
                           f"maxReplicas {rules.max_replicas}")
     busy = str(spec.get("busyRedisUrl") or busy_url or default_busy_redis_url)
-    return ScalerConfig(target, queue, rules, max(MIN_POLL_SECONDS, poll), busy)
+    lanes = spec.get("lanes", "all")
+    if lanes not in ("all", "interactive"):
+        raise InvalidSpec(f"spec.lanes must be all or interactive, not {lanes!r}")
+    batch = None
+    if lanes == "all":
+        batch = batch_lane(queue, str(spec.get("batchSuffix") or DEFAULT_BATCH_SUFFIX))
+    return ScalerConfig(target, queue, rules, max(MIN_POLL_SECONDS, poll), busy, batch)
+
+
+#: The workers' CHATQ_BATCH_QUEUE_SUFFIX default: the batch lane's queue is `<name>-batch`.
+DEFAULT_BATCH_SUFFIX = "-batch"
+
+
+def batch_lane(queue: sources.QueueRef, suffix: str) -> sources.QueueRef:
+    """The batch lane of a queue: the same backend, the name (or URL, whose last part is
+    the name) with the suffix, the same consumer group."""
+    if isinstance(queue, sources.SqsQueue):
+        return dataclasses.replace(queue, url=queue.url + suffix if queue.url else "",
+                                   name=queue.name + suffix if queue.name else "")
+    return dataclasses.replace(queue, stream=queue.stream + suffix)
 
 
 def _queue(queue: Mapping[str, Any], default_redis_url: str) -> tuple[sources.QueueRef, str]:

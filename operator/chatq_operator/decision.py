@@ -44,6 +44,13 @@ class Metrics:
     """A counter of messages ever added (a stream's entries-added), so that messages taken
     and finished between two polls still count as activity; None where the source has none."""
 
+    @staticmethod
+    def combined(a: Metrics, b: Metrics) -> Metrics:
+        """Two queues (the interactive and the batch lane) counted as one."""
+        added = (None if a.added_total is None or b.added_total is None
+                 else a.added_total + b.added_total)
+        return Metrics(a.visible + b.visible, a.in_flight + b.in_flight, added)
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:

@@ -104,17 +104,27 @@ class Scaler:
         await self._report(current, wanted, _conditions(made, metrics))
 
     async def _read(self, cfg: config.ScalerConfig) -> decision.Metrics | None:
-        reads = self.readers.reads[cfg.queue]
+        main = await self._read_one(cfg, cfg.queue)
+        if main is None or cfg.batch_queue is None:
+            return main
+        batch = await self._read_one(cfg, cfg.batch_queue)
+        return decision.Metrics.combined(main, batch) if batch is not None else main
+
+    async def _read_one(self, cfg: config.ScalerConfig, queue: sources.QueueRef
+                        ) -> decision.Metrics | None:
+        reads = self.readers.reads[queue]
         try:
             # Shared with every QueueScaler of this queue: one read per (shortest) poll.
-            return await self.readers.metrics(cfg.queue, max_age=cfg.poll_seconds * 0.9)
+            return await self.readers.metrics(queue, max_age=cfg.poll_seconds * 0.9)
         except sources.SourceError as exc:
             log.warning("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
+            if queue is cfg.batch_queue:
+                return None  # no batch lane yet (no batch ever ran): the interactive count stands
             telemetry.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
             return None
         finally:
-            if self.readers.reads[cfg.queue] > reads:
-                telemetry.QUEUE_READS.labels(str(cfg.queue)).inc()
+            if self.readers.reads[queue] > reads:
+                telemetry.QUEUE_READS.labels(str(queue)).inc()
 
     async def _model_down(self, cfg: config.ScalerConfig) -> bool:
         """The model's health from the workers' Redis; unreadable counts as up (no hold)."""

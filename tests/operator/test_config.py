@@ -89,3 +89,19 @@ def test_poll_seconds_has_a_floor() -> None:
 def test_invalid_specs(spec: dict[str, Any], error: str) -> None:
     with pytest.raises(config.InvalidSpec, match=error):
         config.parse(spec)
+
+
+def test_lanes_count_the_batch_lane_unless_interactive() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert props["lanes"]["default"] == "all"
+    assert props["batchSuffix"]["default"] == config.DEFAULT_BATCH_SUFFIX
+    redis = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {"stream": "jobs"}}})
+    assert redis.batch_queue == sources.RedisQueue(stream="jobs-batch")
+    sqs = config.parse({"targetRef": {"name": "w"}, "batchSuffix": "-b",
+                        "queue": {"sqs": {"url": "http://mq:9324/000/jobs"}}})
+    assert sqs.batch_queue == sources.SqsQueue(url="http://mq:9324/000/jobs-b")
+    only = config.parse({"targetRef": {"name": "w"}, "lanes": "interactive", "queue": {"redis": {}}})
+    assert only.batch_queue is None
+    with pytest.raises(config.InvalidSpec, match="spec.lanes"):
+        config.parse({"targetRef": {"name": "w"}, "lanes": "batch", "queue": {"redis": {}}})

@@ -62,7 +62,9 @@ class FakeSources(sources.Sources):
         return {p: n for p, n in self.busy_counts.items() if p in set(pods)}
 
 
+# One lane: FakeSources gives every queue the same depth (the batch lane has its own test).
 SPEC = {"targetRef": {"name": "worker"}, "queue": {"redis": {"url": "redis://r:6379/0"}},
+        "lanes": "interactive",
         "maxReplicas": 10, "messagesPerReplica": 4, "pollSeconds": 1, "scaleDownStabilizationSeconds": 0,
         "idleSecondsBeforeZero": 100, "fallbackReplicas": 2, "errorsBeforeFallback": 2}
 
@@ -206,3 +208,31 @@ async def test_a_new_target_starts_a_new_history() -> None:
     assert r.polls.target == "other"
     assert r.polls.history is not None
     assert {t for t, _ in r.polls.history.recommendations} == {r.clock[0]}  # nothing from the old target
+
+
+class LaneSources(FakeSources):
+    """A depth per queue (the interactive one and its batch lane)."""
+
+    def __init__(self, depths: dict[str, decision.Metrics]) -> None:
+        super().__init__()
+        self.depths = depths
+
+    async def metrics(self, queue: sources.QueueRef, max_age: float) -> decision.Metrics:
+        assert isinstance(queue, sources.RedisQueue)
+        if queue.stream not in self.depths:
+            raise sources.SourceError("no such stream")
+        return self.depths[queue.stream]
+
+
+@pytest.mark.parametrize(("lanes", "depths", "desired"), [
+    ("all", {"chatq-jobs": decision.Metrics(4, 0), "chatq-jobs-batch": decision.Metrics(20, 4)}, 7),
+    ("interactive", {"chatq-jobs": decision.Metrics(4, 0), "chatq-jobs-batch": decision.Metrics(20, 4)}, 1),
+    ("all", {"chatq-jobs": decision.Metrics(8, 0)}, 2),  # no batch lane yet: the queue alone
+])
+async def test_the_batch_lane_counts_unless_told_otherwise(
+        lanes: str, depths: dict[str, decision.Metrics], desired: int) -> None:
+    r = rig(1)
+    r.readers = LaneSources(depths)
+    r.polls = scaler.Scaler("ns", "qs", r.api, r.readers, lambda *e: None, clock=lambda: r.clock[0])
+    await r.poll({**SPEC, "lanes": lanes, "queue": {"redis": {"url": "redis://r:6379/0"}}})
+    assert r.api.status["desiredReplicas"] == desired
