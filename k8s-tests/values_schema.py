@@ -24,6 +24,7 @@ MANAGED = {
     "worker": {"id", "grace_seconds"},
     "queue": {"backend", "name", "group", "url", "region", "endpoint", "create"},
     "redis": {"url"},
+    "files": {"store", "dir", "s3_bucket", "s3_prefix", "s3_endpoint", "s3_region"},
     "llm": {"base_url", "api_key", "model"},
     "llmsim": {"host", "port"},
     "telemetry": {"metrics_host", "metrics_port"},
@@ -319,6 +320,26 @@ def build() -> Schema:
                 },
                 "The job queue.",
                 ["backend", "name"],
+            ),
+            "files": closed(
+                {
+                    "store": enum(["s3", "local"], "File store (CHATQ_FILES_STORE)."),
+                    "s3": closed(
+                        {
+                            "bucket": string("Bucket (CHATQ_FILES_S3_BUCKET)."),
+                            "prefix": string("Key prefix (CHATQ_FILES_S3_PREFIX)."),
+                            "endpoint": string("Endpoint override (CHATQ_FILES_S3_ENDPOINT)."),
+                            "region": string("AWS region (CHATQ_FILES_S3_REGION).", minLength=1),
+                        },
+                        "S3 settings.",
+                    ),
+                    "local": closed(
+                        {"sizeLimit": string("Size limit of the API pod's files volume.")},
+                        "The local store's volume (an emptyDir on the API pod).",
+                    ),
+                },
+                "The file store of /v1/files and /v1/batches.",
+                ["store"],
             ),
             "redis": closed(
                 {
