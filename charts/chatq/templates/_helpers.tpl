@@ -99,9 +99,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* The file store in use: s3, or local (asked for, or dev.enabled without a bucket). */}}
+{{/* The file store in use: s3, or local (asked for, or s3 without a bucket: dev, trials). */}}
 {{- define "chatq.filesStore" -}}
-{{- if and (eq .Values.files.store "s3") (not .Values.files.s3.bucket) .Values.dev.enabled }}
+{{- if and (eq .Values.files.store "s3") (not .Values.files.s3.bucket) }}
 {{- "local" }}
 {{- else }}
 {{- .Values.files.store }}
@@ -113,10 +113,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.redis.url) (not .Values.redis.existingSecret) (not .Values.dev.enabled) }}
 {{- fail "chatq needs Redis: set redis.url (or redis.existingSecret), or dev.enabled=true for an in-chart Redis" }}
 {{- end }}
-{{- if and (eq (include "chatq.filesStore" .) "s3") (not .Values.files.s3.bucket) }}
-{{- fail "the s3 file store needs files.s3.bucket (or files.store=local, or dev.enabled=true)" }}
-{{- end }}
-{{- if and (eq (include "chatq.filesStore" .) "local") .Values.api.autoscaling.enabled }}
+{{- if and (eq .Values.files.store "local") .Values.api.autoscaling.enabled }}
 {{- fail "the local file store lives on one API pod (it runs one replica): turn api.autoscaling off, or use files.store=s3" }}
 {{- end }}
 {{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.graceSeconds) }}
