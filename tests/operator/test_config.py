@@ -103,5 +103,5 @@ def test_lanes_count_the_batch_lane_unless_interactive() -> None:
     assert sqs.batch_queue == sources.SqsQueue(url="http://mq:9324/000/jobs-b")
     only = config.parse({"targetRef": {"name": "w"}, "lanes": "interactive", "queue": {"redis": {}}})
     assert only.batch_queue is None
-    with pytest.raises(config.InvalidSpec, match="spec.lanes"):
+    with pytest.raises(config.InvalidSpec, match=r"spec\.lanes"):
         config.parse({"targetRef": {"name": "w"}, "lanes": "batch", "queue": {"redis": {}}})
