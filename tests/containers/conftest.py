@@ -30,8 +30,9 @@ from tests import servers
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("CHATQ_BASE_IMAGE", "chatq-base/python:3.11-bookworm")
 LOCAL_IMAGES = ["chatq-ci/nginx:local", "chatq-ci/redis:local", "chatq-ci/elasticmq:local"]
-#: One tag for the images the tests build, so a second run reuses the first one's layers.
-IMAGE_TAG = "ci"
+#: One tag for the images the tests build, so a second run reuses the first one's layers
+#: (CHATQ_TEST_IMAGE_TAG: a tag of one's own, on a machine that others' tests share).
+IMAGE_TAG = os.environ.get("CHATQ_TEST_IMAGE_TAG", "ci")
 IMAGES = {"api": f"chatq-api:{IMAGE_TAG}", "worker": f"chatq-worker:{IMAGE_TAG}"}
 
 #: Figures for the summary at the end of the run: image sizes, build and start times.

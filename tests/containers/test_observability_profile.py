@@ -1,0 +1,128 @@
+"""The compose `observability` profile: one question's trace, metrics and log lines arrive.
+
+compose.ci.yaml swaps grafana/otel-lgtm (which cannot be pulled here) for chatq-ci/lgtm,
+built by scripts/setup-docker from docker/lgtm: Jaeger v2 as the OTLP collector and trace
+store, VictoriaLogs for logs, Debian's Prometheus scraping the api replicas and the worker.
+The stack runs with `OTEL_EXPORTER_OTLP_ENDPOINT=http://lgtm:4318`, as the README says; one
+question through nginx is then found in all three by the same ids: its trace in Jaeger by
+`chatq.job.id`, its log lines in VictoriaLogs by `job_id` and by that trace's id, and its
+counters in Prometheus. No question text reaches the log store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.containers.conftest import Stack, compose_env, free_port, run
+
+pytestmark = pytest.mark.timeout(900)
+
+QUESTION = f"which colour is the sky over compose {uuid.uuid4().hex[:8]}"
+
+
+def get_json(url: str, data: bytes | None = None) -> Any:
+    with urllib.request.urlopen(url, data=data, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def poll(fetch: Callable[[], Any], ok: Callable[[Any], bool], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fetch()
+            if ok(last):
+                return last
+        except OSError as exc:  # a server in the container still starting
+            last = repr(exc)
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {str(last)[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def observed(docker: list[str], chatq_images: dict[str, str],
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[str, int]]]:
+    for image in ("chatq-ci/lgtm:local",):
+        if run(["docker", "image", "inspect", image], check=False).returncode != 0:
+            from tests.containers.conftest import _unavailable
+
+            _unavailable(f"the local image {image} is missing")
+    ports = {name: free_port() for name in ("http", "grafana", "grpc", "otlp", "traces", "logs", "metrics")}
+    env = compose_env(
+        CHATQ_HTTP_PORT=str(ports["http"]), CHATQ_GRAFANA_PORT=str(ports["grafana"]),
+        CHATQ_OTLP_GRPC_PORT=str(ports["grpc"]), CHATQ_OTLP_HTTP_PORT=str(ports["otlp"]),
+        CHATQ_LGTM_TRACES_PORT=str(ports["traces"]), CHATQ_LGTM_LOGS_PORT=str(ports["logs"]),
+        CHATQ_LGTM_METRICS_PORT=str(ports["metrics"]),
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://lgtm:4318", OTEL_BSP_SCHEDULE_DELAY="200",
+        OTEL_BLRP_SCHEDULE_DELAY="200")
+    st = Stack(compose=[*docker], project=f"chatqobs{uuid.uuid4().hex[:8]}", port=ports["http"],
+               env=env, files=["compose.yaml", "compose.ci.yaml"])
+    try:
+        # With the machine busy, the api replicas can take longer to turn healthy than
+        # nginx's depends_on waits; `up` then fails on nginx alone. Wait for them, then
+        # bring up what is left.
+        first = st.cmd("--profile", "observability", "up", "-d", timeout=600, check=False)
+        if first.returncode != 0:
+            for service in ("api-1", "api-2"):
+                container = st.container(service)
+                health = ["docker", "inspect", "-f", "{{.State.Health.Status}}", container]
+                poll(lambda h=health: run(h).stdout, lambda out: out.strip() == "healthy",
+                     f"{service} to be healthy", timeout=300)
+            st.cmd("--profile", "observability", "up", "-d", timeout=600)
+        st.wait_healthy(timeout=300)
+        yield st, ports
+    finally:
+        st.cmd("--profile", "observability", "down", "-v", "--remove-orphans", "--timeout", "40",
+               timeout=180, check=False)
+
+
+def test_one_questions_trace_metrics_and_logs_arrive(observed: tuple[Stack, dict[str, int]]) -> None:
+    st, ports = observed
+    job_id = st.ask(QUESTION)
+    job = st.wait_status(job_id, {"succeeded", "failed"}, timeout=120)
+    assert job["status"] == "succeeded", job
+
+    # Traces: Jaeger finds the job's trace by its id, with the api's and the worker's spans.
+    query = urllib.parse.urlencode({"service": "chatq-worker", "tags": json.dumps({"chatq.job.id": job_id}),
+                                    "lookback": "1h", "limit": "5"})
+    traces = poll(lambda: get_json(f"http://127.0.0.1:{ports['traces']}/api/traces?{query}")["data"],
+                  lambda d: len(d) == 1, f"job {job_id}'s trace in the lgtm container's Jaeger")
+    trace_id = traces[0]["traceID"]
+    services = {p["serviceName"] for p in traces[0]["processes"].values()}
+    assert {"chatq-api", "chatq-worker"} <= services, services
+
+    # Logs: the job's lines by job_id carry that trace id; by trace id, the same job.
+    def logsql(q: str) -> list[dict[str, Any]]:
+        body = urllib.parse.urlencode({"query": q, "limit": "1000"}).encode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['logs']}/select/logsql/query",
+                                    data=body, timeout=10) as resp:
+            return [json.loads(x) for x in resp.read().decode().splitlines() if x.strip()]
+
+    lines = poll(lambda: logsql(f'job_id:="{job_id}"'),
+                 lambda es: {e.get("service.name") for e in es} >= {"chatq-api", "chatq-worker"}
+                 and any("succeeded" in e["_msg"] for e in es),
+                 f"job {job_id}'s log lines from the api and the worker")
+    assert {e["trace_id"] for e in lines} == {trace_id}, lines
+    assert {e.get("job_id") for e in logsql(f'trace_id:="{trace_id}"')} == {job_id}
+    everything = json.dumps(logsql("*"))
+    assert QUESTION not in everything and QUESTION.split()[-1] not in everything
+
+    # Metrics: Prometheus scraped both api replicas and the worker, and counted the job.
+    def promql(expr: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{ports['metrics']}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        return list(get_json(url)["data"]["result"])
+
+    poll(lambda: promql('sum(chatq_jobs_finished_total{status="succeeded"})'),
+         lambda r: bool(r) and float(r[0]["value"][1]) >= 1, "the finished job's counter in Prometheus")
+    up = poll(lambda: promql("up"), lambda r: len(r) >= 3 and all(x["value"][1] == "1" for x in r
+                                                                  if x["metric"]["job"] != "otlp"),
+              "api-1, api-2 and the worker up")
+    assert {x["metric"]["job"] for x in up} >= {"chatq-api", "chatq-worker"}
