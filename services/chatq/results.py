@@ -576,9 +576,12 @@ class Store:
     @translate_errors
     async def finish(self, job_id: str, token: str, status: jobs.Status, *, answer: str = "",
                      error: dict[str, str] | None = None, usage: dict[str, int] | None = None,
-                     model: str = "", model_seconds: float | None = None) -> str:
+                     model: str = "", model_seconds: float | None = None,
+                     finish_reason: str = "") -> str:
         """Write the outcome once; 'ok', or why not (lost lease, already terminal...)."""
         fields: dict[str, str] = {"status": status.value}
+        if finish_reason:
+            fields["finish_reason"] = finish_reason
         if model_seconds is not None:
             fields["_model_seconds"] = f"{model_seconds:.6f}"
         if answer:
@@ -589,7 +592,8 @@ class Store:
             fields["usage"] = json.dumps(usage)
         if model:
             fields["model"] = model
-        done = {"status": status.value, "answer": answer or None, "error": error, "usage": usage}
+        done = {"status": status.value, "answer": answer or None, "error": error, "usage": usage,
+                "finish_reason": finish_reason or None}
         flat = [x for pair in fields.items() for x in pair]
         return str(await self._finish(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,

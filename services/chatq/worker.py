@@ -327,7 +327,8 @@ class Worker:
         with telemetry.span("chatq.result.write", **{"chatq.job.status": "succeeded"}):
             state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
                                             usage=answer.usage, model=answer.model,
-                                            model_seconds=answer.model_seconds)
+                                            model_seconds=answer.model_seconds,
+                                            finish_reason=answer.finish_reason or "")
         if state == "ok":
             metrics.jobs_finished.labels("succeeded", "ok").inc()
             metrics.job_overhead.observe(

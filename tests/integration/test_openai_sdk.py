@@ -63,7 +63,10 @@ def test_background_create_then_retrieve(stack_factory: StackFactory, backend: s
             input=[{"role": "developer", "content": "Be brief."},
                    {"role": "user", "content": [{"type": "input_text", "text": unique("hi")}]}],
             instructions="You are chatq.", max_output_tokens=5, temperature=0.2)
-        assert sync.status in ("completed", "incomplete") and sync.usage is not None
+        # Cut at max_output_tokens: the model's finish_reason "length" shows as incomplete.
+        assert sync.status == "incomplete" and sync.usage is not None
+        assert sync.incomplete_details is not None
+        assert sync.incomplete_details.reason == "max_output_tokens"
         assert sync.usage.output_tokens == 5 and sync.instructions == "You are chatq."
         assert sync.max_output_tokens == 5 and sync.temperature == 0.2
         assert client.responses.retrieve(sync.id).output_text == sync.output_text

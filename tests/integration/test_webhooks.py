@@ -85,6 +85,8 @@ def test_signed_deliveries_verified_by_the_sdk(stack_factory: StackFactory, back
             alice.responses.cancel(slow.id)
             failed = alice.responses.create(input=f"down {uuid.uuid4().hex} llmsim:fail=500",
                                             background=True)
+            cut = alice.responses.create(input=f"cut {uuid.uuid4().hex}", background=True,
+                                         max_output_tokens=3)  # not subscribed by /made
             with stack.client("alice") as http:
                 chat_id = http.post("/v1/chat", json={"message": "chat hook"}).json()["id"]
             bob.responses.create(input="not alice's", background=True)  # never reaches alice
@@ -95,8 +97,8 @@ def test_signed_deliveries_verified_by_the_sdk(stack_factory: StackFactory, back
             got = {(e.type, e.data.id) for e in
                    (verified(alice, d, made.signing_secret) for d in receiver.received("/made"))}
             assert got == want
-            chat_want = want | {("chat.completed", chat_id)}
-            until(lambda: len(receiver.received("/configured")) >= 4, "four to /configured")
+            chat_want = want | {("chat.completed", chat_id), ("response.incomplete", cut.id)}
+            until(lambda: len(receiver.received("/configured")) >= 5, "five to /configured")
             events = [verified(alice, d, SECRET) for d in receiver.received("/configured")]
             assert {(e.type, e.data.id) for e in events} == chat_want
             assert all(e.object == "event" and e.created_at > 0 for e in events)

@@ -50,6 +50,8 @@ class Job(BaseModel):
     status: jobs.Status
     model: str | None = None
     answer: str | None = None
+    finish_reason: str | None = None
+    """Why the model stopped: `stop`, or `length` when the answer was cut at max_tokens."""
     error: JobError | None = None
     usage: dict[str, int] | None = None
     attempts: int = 0
@@ -68,8 +70,8 @@ def _iso(ts: float | None) -> str | None:
 
 def public_job(record: dict[str, Any]) -> dict[str, Any]:
     """The client's view of a job record."""
-    out = {k: record.get(k) for k in ("id", "status", "model", "answer", "error", "usage",
-                                      "metadata")}
+    out = {k: record.get(k) for k in ("id", "status", "model", "answer", "finish_reason",
+                                      "error", "usage", "metadata")}
     out["attempts"] = record.get("attempts", 0)
     out["simulated"] = bool(record.get("simulated", False))
     for name in ("created_at", "started_at", "finished_at", "updated_at"):
