@@ -114,7 +114,7 @@ def test_each_jobs_lines_are_found_by_job_id_and_by_the_trace_id_jaeger_holds(
 
     # The JSON lines on stderr stay as they were, error code included.
     worker_lines = [json.loads(x) for x in stack.workers[0].logs().splitlines() if x.startswith("{")]
-    line = next(x for x in worker_lines if x.get("job_id") == failed and "failed" in x["msg"])
+    line = next(x for x in worker_lines if x["msg"].startswith(f"job {failed} failed:"))
     assert line["error_code"] == code and len(line["trace_id"]) == 32
 
 
