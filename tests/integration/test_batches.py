@@ -9,6 +9,7 @@ two keys' batches progress together.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -343,3 +344,28 @@ def test_s3_store_reads_from_the_middle(request: pytest.FixtureRequest) -> None:
                 os.environ[k] = v
     assert whole == data and tail == data[-1000:] and end == b""
 
+
+
+def test_batch_webhooks(stack_factory: StackFactory) -> None:
+    from tests import servers
+
+    secret = "whsec_" + base64.b64encode(b"batch-webhook-test-secret-32byte").decode()
+    with servers.WebhookReceiver() as receiver:
+        stack = stack_factory("redis", CHATQ_WEBHOOK_ALLOW_PRIVATE="true",
+                              CHATQ_WEBHOOK_ENDPOINTS=json.dumps([{"key": "", "url": receiver.url(),
+                                                                   "secret": secret}]))
+        client = sdk(stack)
+        done = run_batch(client, batch_file(5))
+        stopped = run_batch(client, batch_file(100, prompt="llmsim:ttft_ms=300"))
+        client.batches.cancel(stopped.id)
+        assert wait_batch(client, done.id, finished).status == "completed"
+        assert wait_batch(client, stopped.id, finished).status == "cancelled"
+        deadline = time.monotonic() + 30
+        events: dict[str, str] = {}
+        while len(events) < 2 and time.monotonic() < deadline:
+            for delivery in receiver.received():
+                event = client.webhooks.unwrap(delivery.body, delivery.headers, secret=secret)
+                events[event.data.id] = event.type
+            time.sleep(0.2)
+        # One event per batch's end, none per line (the lines are no chat jobs).
+        assert events == {done.id: "batch.completed", stopped.id: "batch.cancelled"}, events
