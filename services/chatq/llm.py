@@ -377,11 +377,13 @@ async def process_query(llm: Llm, request: jobs.ChatRequest, sink: Sink,
     """
     started = time.monotonic()
     cfg = llm.cfg
-    for attempt in range(1, cfg.max_attempts + 1):
+    limit, attempt = cfg.max_attempts, 0
+    while attempt < limit:
+        attempt += 1
         if attempt > 1:
             await sink.restart(attempt)
         try:
-            answer = await llm.stream_once(request, sink, attempt == cfg.max_attempts)
+            answer = await llm.stream_once(request, sink, attempt == limit)
             if health is not None:
                 await health.success()
             answer.model_seconds = time.monotonic() - started
@@ -400,18 +402,28 @@ async def process_query(llm: Llm, request: jobs.ChatRequest, sink: Sink,
                     f"CHATQ_LLM_RETRY_STREAMED_TOKENS={cfg.retry_streamed_tokens})", code=exc.code)
                 final.partial = exc.partial
                 raise final from None
-            if attempt == cfg.max_attempts:
+            limit = _more_attempts(exc, limit, cfg.max_attempts)
+            if attempt >= limit:
                 raise
             delay = jobs.backoff_delay(attempt, cfg.backoff_base_seconds, cfg.backoff_max_seconds,
                                        exc.delay, random.random())
             metrics.model_retries.labels(exc.code).inc()
             log.info("model call failed (%s), attempt %d of %d, retrying in %.2fs",
-                     exc.code, attempt, cfg.max_attempts, delay)
+                     exc.code, attempt, limit, delay)
             await asyncio.sleep(delay)
         except errors.PermanentError as exc:
             sink.attempt_failed(attempt, exc)
             raise
     raise AssertionError("unreachable")
+
+
+def _more_attempts(exc: errors.TemporaryError, limit: int, max_attempts: int) -> int:
+    """The attempt budget after `exc`: a server whose shared cache filled before this answer
+    said a word was busy, as with a 429, so that call is not counted (up to twice the
+    budget, so a server that never has room still ends the job)."""
+    if exc.code == "model_context_full" and not exc.streamed and limit < 2 * max_attempts:
+        return limit + 1
+    return limit
 
 
 def _counts_against_model(exc: errors.TemporaryError) -> bool:

@@ -61,7 +61,7 @@ DONE_CHANNEL = "chatq:done"
 LEASES_KEY = "chatq:leases"
 JOB_PREFIX = "chatq:job:"
 TERMINAL = tuple(s.value for s in jobs.Status if s.terminal)
-JSON_FIELDS = ("error", "usage", "metadata", "request", "view")
+JSON_FIELDS = ("error", "usage", "metadata", "request", "view", "attempt_errors")
 FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
 
 
@@ -374,8 +374,9 @@ def _decode_record(raw: dict[str, str]) -> dict[str, Any]:
         if name in record:
             record[name] = float(record[name])
     record["attempts"] = int(record.get("attempts", 0))
-    if "simulated" in record:
-        record["simulated"] = record["simulated"] == "1"
+    for name in ("simulated", "usage_estimated"):
+        if name in record:
+            record[name] = record[name] == "1"
     return record
 
 
@@ -577,11 +578,20 @@ class Store:
     async def finish(self, job_id: str, token: str, status: jobs.Status, *, answer: str = "",
                      error: dict[str, str] | None = None, usage: dict[str, int] | None = None,
                      model: str = "", model_seconds: float | None = None,
-                     finish_reason: str = "") -> str:
-        """Write the outcome once; 'ok', or why not (lost lease, already terminal...)."""
+                     finish_reason: str | None = None, usage_estimated: bool = False,
+                     attempt_errors: list[dict[str, Any]] | None = None) -> str:
+        """Write the outcome once; 'ok', or why not (lost lease, already terminal...).
+
+        `finish_reason` is the model's own (`length`: cut by max_tokens or the context);
+        `usage_estimated` says chatq counted the usage itself; `attempt_errors` says what
+        each failed model attempt was."""
         fields: dict[str, str] = {"status": status.value}
         if finish_reason:
             fields["finish_reason"] = finish_reason
+        if usage_estimated:
+            fields["usage_estimated"] = "1"
+        if attempt_errors:
+            fields["attempt_errors"] = json.dumps(attempt_errors)
         if model_seconds is not None:
             fields["_model_seconds"] = f"{model_seconds:.6f}"
         if answer:

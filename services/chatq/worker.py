@@ -40,6 +40,7 @@ class JobSink:
         self.job_id = job_id
         self.attempt = attempt
         self._pending: list[str] = []
+        self.attempt_errors: list[dict[str, object]] = []
         self._last_flush = time.monotonic()
 
     async def delta(self, text: str) -> None:
@@ -59,6 +60,9 @@ class JobSink:
         self.attempt = await self.store.start_attempt(self.job_id)
 
     def attempt_failed(self, attempt: int, error: errors.ChatqError) -> None:
+        # Kept on the job when it ends, so its attempts say what happened.
+        self.attempt_errors.append({"attempt": attempt, "code": getattr(error, "code", "error"),
+                                    "message": str(error)[:300]})
         log.info("job %s: attempt %d failed: %s (%s)", self.job_id, attempt, error,
                  getattr(error, "code", "error"))
 
@@ -320,7 +324,7 @@ class Worker:
             await self._model_down(delivery, job_id, token, exc)
             return
         except errors.ChatqError as exc:
-            await self._fail(delivery, job_id, token, exc)
+            await self._fail(delivery, job_id, token, exc, sink.attempt_errors)
             return
         finally:
             beat.cancel()
@@ -328,7 +332,9 @@ class Worker:
             state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
                                             usage=answer.usage, model=answer.model,
                                             model_seconds=answer.model_seconds,
-                                            finish_reason=answer.finish_reason or "")
+                                            finish_reason=answer.finish_reason,
+                                            usage_estimated=answer.usage_estimated,
+                                            attempt_errors=sink.attempt_errors)
         if state == "ok":
             metrics.jobs_finished.labels("succeeded", "ok").inc()
             metrics.job_overhead.observe(
@@ -365,12 +371,16 @@ class Worker:
             return
 
     async def _fail(self, delivery: Delivery, job_id: str, token: str,
-                    exc: errors.ChatqError) -> None:
+                    exc: errors.ChatqError, attempt_errors: list[dict[str, object]] | None = None,
+                    ) -> None:
         """Record the failure and dead-letter the message."""
         code = getattr(exc, "code", "error")
+        # What the model streamed before a failure that is not retried stays visible.
+        partial = getattr(exc, "partial", "") if isinstance(exc, errors.PermanentError) else ""
         with telemetry.span("chatq.result.write", **{"chatq.job.status": "failed"}):
-            state = await self.store.finish(job_id, token, jobs.Status.FAILED,
-                                            error={"code": code, "message": str(exc)})
+            state = await self.store.finish(job_id, token, jobs.Status.FAILED, answer=partial,
+                                            error={"code": code, "message": str(exc)},
+                                            attempt_errors=attempt_errors)
         log.warning("job %s failed: %s (%s)", job_id, exc, code, extra={"error_code": code})
         if state == "ok":
             metrics.jobs_finished.labels("failed", code).inc()

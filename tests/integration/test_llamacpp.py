@@ -68,7 +68,9 @@ def test_answers_stream_with_usage_and_the_served_model(stack_factory: StackFact
         job = wait_done(http, job_id)
     assert job["status"] == "succeeded", job
     assert job["model"] == llamacpp.MODEL_NAME and job["simulated"] is False
-    assert job["attempts"] == 1 and job["error"] is None
+    assert job["attempts"] == 1 and job["error"] is None and job["attempt_errors"] is None
+    # Cut by max_tokens, and the job says so; the server sent its usage.
+    assert job["finish_reason"] == "length" and job["usage_estimated"] is False
     usage = job["usage"]
     assert usage["completion_tokens"] == 8 and usage["prompt_tokens"] > 8
     assert usage["total_tokens"] == usage["prompt_tokens"] + 8
@@ -94,6 +96,7 @@ def test_a_prompt_over_the_context_fails_at_once_and_says_why(stack_factory: Sta
         job = wait_done(http, ask(http, "word " * 300))
     assert job["status"] == "failed" and job["attempts"] == 1, job
     assert job["error"]["code"] == "context_length_exceeded"
+    assert [e["code"] for e in job["attempt_errors"]] == ["context_length_exceeded"]
     assert "exceeds the available context size" in job["error"]["message"]
     assert "shorten it" in job["error"]["message"]
 
@@ -112,7 +115,10 @@ def test_a_context_full_error_mid_stream_is_retried_and_no_job_fails(
         log = srv.logs()
     assert "Context size has been exceeded" in log, "the server never ran out of context"
     assert [j["status"] for j in jobs] == ["succeeded"] * 12, [j["error"] for j in jobs]
-    assert any(j["attempts"] > 1 for j in jobs)
+    retried = [j for j in jobs if j["attempts"] > 1]
+    assert retried and all(j["finish_reason"] == "length" for j in jobs)
+    # The attempts say what happened.
+    assert {e["code"] for j in retried for e in j["attempt_errors"]} == {"model_context_full"}
     assert 'chatq_model_retries_total{reason="model_context_full"}' in metrics
     assert all(j["answer"] for j in jobs)
 

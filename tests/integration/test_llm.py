@@ -14,6 +14,7 @@ from chatq import errors, jobs, llm
 from chatq import settings as settings_mod
 
 from tests import servers
+from tests.conftest import StackFactory
 
 
 class Recorder:
@@ -166,3 +167,19 @@ async def test_an_unreachable_model_is_unavailable_not_a_failure() -> None:
             await model.probe()
     finally:
         await model.close()
+
+
+def test_the_job_keeps_finish_reason_estimated_usage_and_partial_answers(
+        stack_factory: StackFactory) -> None:
+    from tests.integration.test_service import ask, wait_done
+
+    stack = stack_factory("redis", CHATQ_LLM_RETRY_STREAMED_TOKENS="3")
+    with stack.client() as http:
+        cut = wait_done(http, ask(http, "llmsim:tokens=10 llmsim:usage=none", max_tokens=4))
+        long = wait_done(http, ask(http, "llmsim:fail=midstream llmsim:tokens=20 llmsim:after=6"))
+    assert cut["status"] == "succeeded" and cut["finish_reason"] == "length"
+    assert cut["usage_estimated"] is True and cut["usage"]["completion_tokens"] > 0
+    # Not regenerated: failed, with what was streamed kept and the attempt explained.
+    assert long["status"] == "failed" and long["attempts"] == 1 and long["answer"]
+    assert long["error"]["code"] == "model_server_error"
+    assert long["attempt_errors"][0]["code"] == "model_server_error"

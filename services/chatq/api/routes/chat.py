@@ -51,10 +51,14 @@ class Job(BaseModel):
     model: str | None = None
     answer: str | None = None
     finish_reason: str | None = None
-    """Why the model stopped: `stop`, or `length` when the answer was cut at max_tokens."""
+    """Why the model stopped: `stop`, or `length` when cut by max_tokens or the context."""
     error: JobError | None = None
     usage: dict[str, int] | None = None
+    usage_estimated: bool = False
+    """True when the server sent no usage and chatq counted the tokens itself."""
     attempts: int = 0
+    attempt_errors: list[dict[str, Any]] | None = None
+    """What each failed model attempt was: attempt, code, message."""
     simulated: bool = False
     """True when llmsim, not a real model, wrote the answer."""
     metadata: dict[str, str] | None = None
@@ -70,8 +74,9 @@ def _iso(ts: float | None) -> str | None:
 
 def public_job(record: dict[str, Any]) -> dict[str, Any]:
     """The client's view of a job record."""
-    out = {k: record.get(k) for k in ("id", "status", "model", "answer", "finish_reason",
-                                      "error", "usage", "metadata")}
+    out = {k: record.get(k) for k in ("id", "status", "model", "answer", "error", "usage",
+                                      "metadata", "finish_reason", "attempt_errors")}
+    out["usage_estimated"] = bool(record.get("usage_estimated", False))
     out["attempts"] = record.get("attempts", 0)
     out["simulated"] = bool(record.get("simulated", False))
     for name in ("created_at", "started_at", "finished_at", "updated_at"):
