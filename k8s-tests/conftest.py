@@ -2,7 +2,9 @@
 
 With KUBECONFIG set, tests run against that cluster (kind, or any other); without it, a local
 control plane (controlplane.py: etcd, kube-apiserver, controller-manager, scheduler, kwok)
-is started once per session and stopped at the end. The binaries come from
+is started once per session and stopped at the end, and, where this machine allows (root,
+scripts/setup-k8s's node binaries), a real node beside kwok's (node.py: containerd, CNI,
+kubelet, kube-proxy, CoreDNS) for the tests that need containers to run. The binaries come from
 scripts/setup-k8s; where they are missing a test is skipped with the reason, except in CI
 (CI=true), where that is a failure that says what to run.
 
@@ -10,10 +12,14 @@ Every test file in k8s-tests may use:
   tools      session: the binaries folder and helm/kubectl runners that need no cluster
   kube       session: a cluster (.kubeconfig, .kubectl(), .helm(), .bin, .local)
   namespace  function: a fresh namespace, always deleted afterwards
+  real_node  session: a node that runs containers, with chatq's images on it (real_pods.py)
+  real_namespace  function: a fresh namespace whose pods all go to that node
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -28,10 +34,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import controlplane
+import node as node_mod
 import pytest
 import yaml
 
 REPO = controlplane.REPO
+if str(REPO) not in sys.path:  # tests.containers (the images) when k8s-tests run alone
+    sys.path.insert(0, str(REPO))
+from tests.containers.conftest import chatq_images, docker  # noqa: E402,F401  (fixtures)
+
 CHART = REPO / "charts" / "chatq"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -116,6 +127,10 @@ class Kube(Tools):
     local: bool = False
     """True when the tests started the control plane themselves (kwok: no container runs)."""
     plane: controlplane.ControlPlane | None = None
+    host: node_mod.Host | None = None
+    """The real node's host side (its address), when this machine can run one."""
+    no_real_node: str = ""
+    """Why there is no real node (empty when there is one)."""
 
     def kubectl(self, *args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.run(self.bin / "kubectl", *args, **kw)
@@ -189,11 +204,17 @@ def kube(tools: Tools) -> Iterator[Kube]:
     absent = [b for b in (*controlplane.CONTROL_PLANE_BINARIES, "kubectl") if not (tools.bin / b).exists()]
     if absent:
         missing(f"the local control plane needs {', '.join(absent)} in {controlplane.bin_dir()}")
-    with controlplane.running(tools.bin) as plane:
+    why = node_mod.Host.available(tools.bin)
+    if os.environ.get("CHATQ_K8S_REAL_NODE", "1") == "0":
+        why = "CHATQ_K8S_REAL_NODE=0 turns the real node off"
+    with contextlib.ExitStack() as stack:
+        # The real node's address must exist before the apiserver binds it.
+        host = None if why else stack.enter_context(node_mod.host_network(tools.bin))
+        plane = stack.enter_context(controlplane.running(
+            tools.bin, address=host.node_ip if host else "127.0.0.1"))
         env = {**tools.env, "KUBECONFIG": plane.kubeconfig}
-        yield Kube(
-            bin=tools.bin, home=tools.home, env=env, kubeconfig=plane.kubeconfig, local=True, plane=plane
-        )
+        yield Kube(bin=tools.bin, home=tools.home, env=env, kubeconfig=plane.kubeconfig, local=True,
+                   plane=plane, host=host, no_real_node=why)
 
 
 @pytest.fixture
@@ -227,3 +248,85 @@ def crd(kube: Kube) -> None:
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f",
                  CHART / "crds" / "queuescalers.chatq.io.yaml")
     kube.kubectl("wait", "--for=condition=Established", "crd/queuescalers.chatq.io", "--timeout=60s")
+
+
+@dataclass
+class RealNode:
+    """A node that runs containers: node.py's (started here) or one of KUBECONFIG's cluster."""
+
+    kube: Kube
+    name: str
+    local: node_mod.Node | None
+    images: dict[str, str] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+#: Images on the real node, as the chart's values name them (docker's tags; no registry).
+NODE_IMAGES = ["chatq-ci/redis:local", "chatq-ci/elasticmq:local"]
+
+
+@pytest.fixture(scope="session")
+def real_node(kube: Kube, chatq_images: dict[str, str]) -> Iterator[RealNode]:  # noqa: F811
+    """The local real node with chatq's images loaded, or KUBECONFIG's cluster (images loaded by you)."""
+    images = {**chatq_images, "redis": NODE_IMAGES[0], "elasticmq": NODE_IMAGES[1]}
+    if not kube.local:
+        # kind and friends: any node kwok does not manage; `kind load docker-image` puts the images there.
+        nodes = kube.get("nodes")["items"]
+        kwok = controlplane.KWOK_NODE_ANNOTATION
+        real = [n for n in nodes if kwok not in n["metadata"].get("annotations", {})]
+        if not real:
+            unavailable("the cluster in KUBECONFIG has no node that runs containers")
+        yield RealNode(kube, real[0]["metadata"]["name"], None, images)
+        return
+    if kube.host is None or kube.plane is None:
+        unavailable(f"no real node: {kube.no_real_node}")
+    node = node_mod.Node(kube.plane, kube.host)
+    try:
+        node.start()
+        seconds = node.load_docker_images([*chatq_images.values(), *NODE_IMAGES])
+        node.figures["image load (4 images, docker save | ctr import)"] = seconds
+        node_mod.FIGURES.update(node.figures)
+        yield RealNode(kube, node_mod.NODE_NAME, node, images, node.figures)
+    finally:
+        node.stop()
+
+
+@contextlib.contextmanager
+def real_namespace_for(real_node: RealNode, stem: str) -> Iterator[str]:
+    """A fresh namespace whose pods all run on the real node (tolerating its taint); deleted after."""
+    kube = real_node.kube
+    stem = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40].strip("-")
+    name = f"{stem}-{uuid.uuid4().hex[:6]}"
+    annotations = {}
+    if real_node.local is not None:
+        annotations = {
+            "scheduler.alpha.kubernetes.io/node-selector": f"kubernetes.io/hostname={real_node.name}",
+            "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
+                [{"key": node_mod.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]),
+        }
+    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": {"chatq.io/k8s-tests": "true"}, "annotations": annotations}}
+    kube.kubectl("create", "-f", "-", input=json.dumps(manifest))
+    try:
+        kube.wait_for(
+            f"the default ServiceAccount in {name}",
+            lambda: kube.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+            timeout=30,
+        )
+        yield name
+    finally:
+        kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def real_namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace on the real node, named after the test."""
+    with real_namespace_for(real_node, request.node.name) as name:
+        yield name
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if node_mod.FIGURES:
+        terminalreporter.section("real node figures")
+        for name, seconds in node_mod.FIGURES.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")

@@ -70,9 +70,11 @@ def log(message: str) -> None:
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok, started and stopped."""
 
-    def __init__(self, binaries: Path, nodes: int = 2) -> None:
+    def __init__(self, binaries: Path, nodes: int = 2, address: str = "127.0.0.1") -> None:
         self.bin = binaries
         self.nodes = nodes
+        self.address = address
+        """Where the apiserver listens: loopback, or the real node's address (node.py) so pods reach it."""
         self.dir = Path(tempfile.mkdtemp(prefix="chatq-k8s-"))
         self.kubeconfig = str(self.dir / "kubeconfig")
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -177,7 +179,7 @@ class ControlPlane:
             "/CN=chatq-k8s-tests-ca",
         )
         (self.dir / "serving.ext").write_text(
-            "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+            f"subjectAltName=IP:127.0.0.1,IP:{self.address},IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
             "extendedKeyUsage=serverAuth\n"
         )
@@ -214,6 +216,32 @@ class ControlPlane:
         self._openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
         # One static token in system:masters for the tests, controllers and scheduler.
         (self.dir / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
+        # The apiserver's client certificate towards kubelets (logs, exec, port-forward).
+        self.client_certificate("apiserver-kubelet", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+
+    def client_certificate(self, name: str, subject: str) -> None:
+        """<name>.crt/.key signed by the CA; the subject's CN is the user, each O a group."""
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                      "-subj", subject)
+        (self.dir / f"{name}.ext").write_text("extendedKeyUsage=clientAuth\n")
+        self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                      "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+
+    def write_kubeconfig(self, path: Path, cert: str | None = None) -> None:
+        """A kubeconfig for the admin token, or for the client certificate `cert` (client_certificate)."""
+        ca = base64.b64encode((self.dir / "ca.crt").read_bytes()).decode()
+        if cert is None:
+            user: dict[str, str] = {"token": self.token}
+        else:
+            user = {"client-certificate": str(self.dir / f"{cert}.crt"),
+                    "client-key": str(self.dir / f"{cert}.key")}
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "chatq-local",
+            "clusters": [{"name": "chatq-local", "cluster": {
+                "server": f"https://{self.address}:{self.api_port}", "certificate-authority-data": ca}}],
+            "users": [{"name": "admin", "user": user}],
+            "contexts": [{"name": "chatq-local", "context": {"cluster": "chatq-local", "user": "admin"}}],
+        }, indent=2))
 
     def _etcd(self) -> None:
         client, peer = free_port(), free_port()
@@ -236,60 +264,48 @@ class ControlPlane:
     def _apiserver(self) -> None:
         self.api_port = free_port()
         d = self.dir
+        if self.address == "127.0.0.1":
+            # 127.0.0.1 is no valid endpoint of the `kubernetes` Service; only kwok's nodes need none.
+            reconciler = ["--endpoint-reconciler-type=none"]
+        else:
+            # Pods of the real node reach the apiserver through the `kubernetes` Service.
+            reconciler = ["--endpoint-reconciler-type=lease"]
         self._spawn(
             "kube-apiserver",
             [
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.api_port}",
                 f"--tls-cert-file={d / 'serving.crt'}",
                 f"--tls-private-key-file={d / 'serving.key'}",
                 f"--client-ca-file={d / 'ca.crt'}",
                 f"--token-auth-file={d / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
+                # Node: the real node's kubelet (system:node:<name>) gets what it needs.
+                "--authorization-mode=Node,RBAC",
+                f"--kubelet-client-certificate={d / 'apiserver-kubelet.crt'}",
+                f"--kubelet-client-key={d / 'apiserver-kubelet.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--service-account-key-file={d / 'sa.pub'}",
                 f"--service-account-signing-key-file={d / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 "--service-cluster-ip-range=10.96.0.0/16",
-                # 127.0.0.1 is no valid endpoint of the `kubernetes` Service; nothing here needs it.
-                "--endpoint-reconciler-type=none",
+                *reconciler,
                 # New nodes get a not-ready taint that only the node lifecycle controller lifts,
                 # and that controller is off (kwok's nodes send no kubelet heartbeats to judge).
                 "--disable-admission-plugins=TaintNodesByCondition",
+                # Namespaces of real-pod tests pin their pods to the real node (node.py).
+                "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--event-ttl=1h",
             ],
         )
-        ca = base64.b64encode((d / "ca.crt").read_bytes()).decode()
-        Path(self.kubeconfig).write_text(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "current-context": "chatq-local",
-                    "clusters": [
-                        {
-                            "name": "chatq-local",
-                            "cluster": {
-                                "server": f"https://127.0.0.1:{self.api_port}",
-                                "certificate-authority-data": ca,
-                            },
-                        }
-                    ],
-                    "users": [{"name": "admin", "user": {"token": self.token}}],
-                    "contexts": [
-                        {"name": "chatq-local", "context": {"cluster": "chatq-local", "user": "admin"}}
-                    ],
-                },
-                indent=2,
-            )
-        )
+        self.write_kubeconfig(Path(self.kubeconfig))
         context = ssl.create_default_context(cafile=str(d / "ca.crt"))
         self._wait(
             "kube-apiserver to answer /readyz (it bootstraps RBAC roles first)",
-            lambda: _http_ok(f"https://127.0.0.1:{self.api_port}/readyz", context, self.token),
+            lambda: _http_ok(f"https://{self.address}:{self.api_port}/readyz", context, self.token),
             90,
             "kube-apiserver",
         )
@@ -391,9 +407,9 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str = "") -
 
 
 @contextlib.contextmanager
-def running(binaries: Path, nodes: int = 2) -> Iterator[ControlPlane]:
+def running(binaries: Path, nodes: int = 2, address: str = "127.0.0.1") -> Iterator[ControlPlane]:
     """A started control plane, stopped (and its folder removed) on exit."""
-    plane = ControlPlane(binaries, nodes)
+    plane = ControlPlane(binaries, nodes, address)
     plane.start()
     try:
         yield plane
