@@ -172,6 +172,7 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
         "kube-apiserver",
         "kube-controller-manager",
         "kube-scheduler",
+        *node_mod.NODE_BINARIES,
     ):
         found = bin_dir / name if (bin_dir / name).exists() else shutil.which(name)
         if found:
@@ -192,7 +193,7 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
 
 
 @pytest.fixture(scope="session")
-def kube(tools: Tools) -> Iterator[Kube]:
+def kube(tools: Tools, request: pytest.FixtureRequest) -> Iterator[Kube]:
     given = os.environ.get("KUBECONFIG")
     if given:
         if not (tools.bin / "kubectl").exists():
@@ -207,6 +208,8 @@ def kube(tools: Tools) -> Iterator[Kube]:
     why = node_mod.Host.available(tools.bin)
     if os.environ.get("CHATQ_K8S_REAL_NODE", "1") == "0":
         why = "CHATQ_K8S_REAL_NODE=0 turns the real node off"
+    elif not any("real_node" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        why = "no selected test needs the real node"  # kwok only: the control plane stays on loopback
     with contextlib.ExitStack() as stack:
         # The real node's address must exist before the apiserver binds it.
         host = None if why else stack.enter_context(node_mod.host_network(tools.bin))
