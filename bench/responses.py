@@ -21,7 +21,7 @@ import openai
 from chatq import results, webhooks
 
 from bench import harness
-from bench.overhead import percentile, post_at_rate
+from bench.overhead import percentile
 from tests import servers
 
 
@@ -47,6 +47,30 @@ async def create_at_rate(url: str, rate: float, seconds: float) -> list[str]:
         while (await client.responses.retrieve(rid)).status in ("queued", "in_progress"):
             await asyncio.sleep(0.05)
     await client.close()
+    return ids
+
+
+async def post_at_rate(url: str, rate: float, seconds: float) -> list[str]:
+    """Open-loop POST /v1/chat, retried once when a kept-alive connection was closed under it
+    (as the SDK's retries do for the other half)."""
+    ids: list[str] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10, limits=httpx.Limits(
+            max_connections=200, keepalive_expiry=1)) as http:
+        async def one(i: int) -> None:
+            body = {"message": f"q{i} {uuid.uuid4().hex[:6]}"}
+            try:
+                resp = await http.post("/v1/chat", json=body)
+            except httpx.ReadError:
+                resp = await http.post("/v1/chat", json=body)
+            resp.raise_for_status()
+            ids.append(resp.json()["id"])
+
+        tasks = []
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
     return ids
 
 
@@ -83,7 +107,7 @@ async def run(rate: float, seconds: float) -> dict[str, list[float]]:
             harness.say(f"responses: {rate:.0f}/s for {seconds:.0f}s, openai SDK, background...")
             rids = await create_at_rate(api.url, rate, seconds)
             harness.say(f"chat: {rate:.0f}/s for {seconds:.0f}s, POST /v1/chat...")
-            chat_ids = await post_at_rate(api.url, "/v1/chat", rate, seconds)
+            chat_ids = await post_at_rate(api.url, rate, seconds)
             await wait_chat(api.url, chat_ids)
             resp_ids = [rid.removeprefix("resp_") for rid in rids]
             mine, ended = await overheads(store, resp_ids)
