@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class ChatqError(Exception):
     """Base of every chatq error."""
@@ -14,10 +16,13 @@ class TemporaryError(ChatqError):
     partial: str = ""
     streamed: int = 0
 
-    def __init__(self, message: str, delay: float | None = None, code: str = "temporary") -> None:
+    def __init__(self, message: str, delay: float | None = None, code: str = "temporary",
+                 headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.delay = delay
         self.code = code
+        self.headers = headers
+        """The model's response headers, when it answered (its x-ratelimit-* for the budget)."""
 
 
 class ModelUnavailable(TemporaryError):

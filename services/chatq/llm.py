@@ -54,6 +54,28 @@ class Answer:
     """The model's own: `stop`, `length` (cut by max_tokens or the context)..."""
     usage_estimated: bool = False
     """True when the server sent no usage and chatq counted the tokens itself."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """The call's response headers (the provider's x-ratelimit-*, for the rate budget)."""
+
+
+class CallBudget(Protocol):
+    """The rate budget, asked before each model call and told how it went (budget.JobBudget)."""
+
+    async def before_call(self, attempt: int) -> None:
+        """Wait until the budget allows another call."""
+
+    async def after_call(self, answer: Answer | None, error: errors.ChatqError | None) -> None:
+        """The call ended: with an answer, or with an error."""
+
+
+class _Unlimited:
+    """No budget: every call may go at once."""
+
+    async def before_call(self, attempt: int) -> None:
+        return None
+
+    async def after_call(self, answer: Answer | None, error: errors.ChatqError | None) -> None:
+        return None
 
 
 class Sink(Protocol):
@@ -142,7 +164,7 @@ def translate(exc: Exception) -> errors.TemporaryError | errors.PermanentError:
         return errors.ModelUnavailable(f"{said}: {message}", delay=retry_after_seconds(headers))
     if verdict == "temporary":
         return errors.TemporaryError(f"{said}: {message}", delay=retry_after_seconds(headers),
-                                     code=code)
+                                     code=code, headers=dict(headers or {}))
     return errors.PermanentError(f"{said}: {message}", code=code)
 
 
@@ -238,6 +260,7 @@ class Llm:
                 stream = await self._completions.create(  # type: ignore[call-overload]
                     model=model, messages=messages,
                     stream=True, stream_options={"include_usage": True}, **kwargs)
+                got.headers = dict(stream.response.headers)
                 # Closed on the way out, cancelled or not: the server notices the closed
                 # connection and stops generating (a garbage-collected stream closes late).
                 async with stream:
@@ -284,7 +307,8 @@ class Llm:
             usage = await self.estimate_usage(messages, text)
         for kind in ("prompt_tokens", "completion_tokens"):
             metrics.tokens.labels(got.model, kind.removesuffix("_tokens")).inc(usage.get(kind, 0))
-        return Answer(text, got.model, usage, time.monotonic() - started, finish, estimated)
+        return Answer(text, got.model, usage, time.monotonic() - started, finish, estimated,
+                      got.headers)
 
 
 @dataclass
@@ -295,6 +319,7 @@ class _Reading:
     parts: list[str] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     finish: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
     def take(self, chunk: Any) -> list[str]:
         """Note a chunk's model, usage and finish_reason; return its pieces of text."""
@@ -364,7 +389,7 @@ def _with_partial(error: errors.ChatqError, parts: list[str]) -> errors.ChatqErr
 
 
 async def process_query(llm: Llm, request: jobs.ChatRequest, sink: Sink,
-                        health: Health | None = None) -> Answer:
+                        health: Health | None = None, budget: CallBudget | None = None) -> Answer:
     """Turn a request into an answer: the model call, retried on transient errors.
 
     Retries wait with jittered exponential backoff that honours the server's retry-after;
@@ -374,21 +399,26 @@ async def process_query(llm: Llm, request: jobs.ChatRequest, sink: Sink,
     is any server error once the breaker says the model is down.
     An attempt that fails after `retry_streamed_tokens` pieces is not retried: the job fails
     with its partial answer, rather than having a long answer regenerated.
+    With `budget` (the shared rate budget), each call waits for it and reports to it after.
     """
     started = time.monotonic()
     cfg = llm.cfg
+    calls = budget or _Unlimited()
     limit, attempt = cfg.max_attempts, 0
     while attempt < limit:
         attempt += 1
         if attempt > 1:
             await sink.restart(attempt)
+        await calls.before_call(attempt)
         try:
             answer = await llm.stream_once(request, sink, attempt == limit)
+            await calls.after_call(answer, None)
             if health is not None:
                 await health.success()
             answer.model_seconds = time.monotonic() - started
             return answer
         except errors.TemporaryError as exc:
+            await calls.after_call(None, exc)
             sink.attempt_failed(attempt, exc)
             if health is not None and _counts_against_model(exc):
                 down = await health.failure(exc)
@@ -412,6 +442,7 @@ async def process_query(llm: Llm, request: jobs.ChatRequest, sink: Sink,
                      exc.code, attempt, limit, delay)
             await asyncio.sleep(delay)
         except errors.PermanentError as exc:
+            await calls.after_call(None, exc)
             sink.attempt_failed(attempt, exc)
             raise
     raise AssertionError("unreachable")

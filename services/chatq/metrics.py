@@ -49,3 +49,20 @@ model_handbacks = Counter("chatq_model_handbacks",
 deliveries = Counter("chatq_deliveries", "Messages received from the queue.", ["queue"])
 janitor_actions = Counter("chatq_janitor_actions",
                           "Stale running jobs the janitor requeued or failed.", ["action"])
+
+# --- the rate budget (worker) and quotas (api); `endpoint` is budget.endpoint_id, a hash ---
+budget_limit = Gauge("chatq_budget_limit_per_minute",
+                     "The endpoint's effective limit (configured or learnt, after 429 cuts).",
+                     ["endpoint", "kind"])
+budget_used = Counter("chatq_budget_used", "Budget taken: requests, and tokens (corrected by usage).",
+                      ["endpoint", "kind"])
+budget_returned = Counter("chatq_budget_returned_tokens",
+                          "Reserved tokens given back after the call used fewer.", ["endpoint"])
+budget_wait = Histogram("chatq_budget_wait_seconds", "Time a model call waited for budget.",
+                        ["priority"], buckets=LATENCY_BUCKETS)
+budget_waiting = Gauge("chatq_budget_waiting", "Calls of this worker waiting for budget now.")
+provider_429s = Counter("chatq_provider_rate_limited", "Model calls the provider answered 429.",
+                        ["endpoint"])
+quota_refusals = Counter("chatq_quota_refusals",
+                         "Requests refused for an API key's quota (key: its digest's first 12 "
+                         "hex digits, or the configured name).", ["key", "kind"])

@@ -29,6 +29,9 @@ Every Redis key chatq uses is named here:
 
 A batch line is a job like any other (`chatq:job:<id>`) whose record names its batch;
 finishing it counts it in the batch's `completed` or `failed`, in the same script.
+- `chatq:budget:<endpoint>`  hash: the shared rate budget of one model endpoint (budget.py)
+- `chatq:quota:<owner>:rpm`  hash: an API key's requests-per-minute bucket (quotas.py)
+- `chatq:quota:<owner>:tpd:<day>` string: tokens an API key used on one UTC day (quotas.py)
 
 The state changes that must be atomic (claim, renew, finish, cancel, hand back) are Lua
 scripts, so a job's answer is written once however often its message is delivered.
@@ -62,7 +65,7 @@ LEASES_KEY = "chatq:leases"
 JOB_PREFIX = "chatq:job:"
 TERMINAL = tuple(s.value for s in jobs.Status if s.terminal)
 JSON_FIELDS = ("error", "usage", "metadata", "request", "view", "attempt_errors")
-FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at")
+FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "budget_wait_seconds")
 
 
 def job_key(job_id: str) -> str:
@@ -152,6 +155,21 @@ BUSY_RETRY_SECONDS = 0.25
 # The longest any blocking read of the events client blocks (SSE keep-alives come at this
 # pace); its socket timeout is this much longer than the plain one.
 MAX_EVENTS_BLOCK_SECONDS = 15.0
+
+
+def budget_key(endpoint: str) -> str:
+    """The rate budget of one model endpoint (budget.endpoint_id)."""
+    return f"chatq:budget:{endpoint}"
+
+
+def quota_rpm_key(owner: str) -> str:
+    """An API key's requests-per-minute bucket."""
+    return f"chatq:quota:{owner}:rpm"
+
+
+def quota_tokens_key(owner: str, day: str) -> str:
+    """Tokens an API key used on one UTC day (YYYY-MM-DD)."""
+    return f"chatq:quota:{owner}:tpd:{day}"
 
 
 def connect(cfg: settings_mod.RedisSettings, blocking_seconds: float = 0.0) -> aioredis.Redis:
@@ -639,6 +657,11 @@ class Store:
                   LEASES_KEY],
             args=[action, int(stale_seconds * 1000), self.ttl, job_id, json.dumps(error),
                   json.dumps(done)]))
+
+    @translate_errors
+    async def note_budget_wait(self, job_id: str, seconds: float) -> None:
+        """How long the job waited for the rate budget (shown with its timestamps)."""
+        await self.redis.hset(job_key(job_id), "budget_wait_seconds", f"{seconds:.3f}")
 
     @translate_errors
     async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int) -> None:

@@ -80,6 +80,15 @@ class ApiSettings(_Group):
     returns the response as it stands (status `in_progress`), in seconds. Default 600."""
     public_url: str = ""
     """Base URL used in `Location` headers when behind a proxy; empty means relative."""
+    key_rpm: int = Field(0, ge=0)
+    """Jobs each API key may create per minute, counted across all api replicas in Redis;
+    over it, 429 with Retry-After. Default 0: unlimited."""
+    key_tokens_per_day: int = Field(0, ge=0)
+    """Tokens each API key may use per UTC day (reserved as prompt + max_tokens, then
+    corrected to real usage). Default 0: unlimited."""
+    quotas: str = ""
+    """Per-key quotas overriding the two above: comma-separated
+    `<key or sha256:hex>=<rpm>/<tokens per day>[/<name for metrics>]`, 0 = unlimited."""
 
 
 class WorkerSettings(_Group):
@@ -197,6 +206,15 @@ class LlmSettings(_Group):
     handback_delay_seconds: float = Field(5.0, ge=0)
     """A job running when the model went down goes back to the queue, visible again after
     this many seconds. Default 5."""
+    rpm: int = Field(0, ge=0)
+    """Requests per minute the model endpoint allows, shared by all workers through Redis;
+    0 (the default) means learnt from `x-ratelimit-*` headers and 429s (unlimited until then)."""
+    tpm: int = Field(0, ge=0)
+    """Tokens per minute (prompt + max_tokens reserved, corrected by usage) the endpoint
+    allows, shared by all workers; 0 (the default) means learnt, as for rpm."""
+    budget: bool = True
+    """Take the shared rate budget before each model call. Default true; false leaves the
+    workers to the provider's 429s alone (for comparison)."""
 
 
 class LlmsimSettings(_Group):
@@ -220,6 +238,12 @@ class LlmsimSettings(_Group):
     """Share of requests that never answer (to test timeouts). Default 0."""
     retry_after_seconds: float = 0.2
     """The `retry-after` value of injected 429s, in seconds. Default 0.2."""
+    rpm: int = Field(0, ge=0)
+    """Requests per minute llmsim allows before it answers 429 (a bucket of one minute's
+    worth, refilled continuously), with OpenAI's `x-ratelimit-*` headers. Default 0: no limit."""
+    tpm: int = Field(0, ge=0)
+    """Tokens per minute llmsim allows (prompt + max_tokens held while the call runs, then
+    the real usage). Default 0: no limit."""
 
 
 class WebhookSettings(_Group):
@@ -376,7 +400,8 @@ def env_table() -> list[tuple[str, str, str]]:
         assert isinstance(model, type) and issubclass(model, BaseModel)
         for name, sub in model.model_fields.items():
             default = sub.default
-            shown = str(default).lower() if isinstance(default, bool) else str(default)
+            shown = (str(default).lower() if isinstance(default, bool)
+                     else "" if default is None else str(default))
             rows.append((f"CHATQ_{group}_{name}".upper(), shown, (sub.description or "").strip()))
     return rows
 

@@ -14,8 +14,9 @@ import os
 import socket
 import time
 import uuid
+from typing import Any
 
-from chatq import breaker, errors, janitor, jobs, lanes, llm, metrics, results, telemetry
+from chatq import breaker, budget, errors, janitor, jobs, lanes, llm, metrics, quotas, results, telemetry
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Queue
 
@@ -85,11 +86,13 @@ class Worker:
         self.heartbeat_every = settings.worker.heartbeat_seconds or self.lease / 3
         self.concurrency = settings.worker.concurrency
         self.tasks: dict[asyncio.Task[None], Delivery] = {}
+        self.budget_waiting: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
         self._reporter: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         # The model's health, shared with every worker: a down model holds the queue.
         self.breaker = breaker.Breaker(store.redis, settings.llm, settings.redis.results_ttl_seconds)
+        self.budgets = budget.Budgets(store.redis, settings) if settings.llm.budget else None
         self._watcher: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
@@ -236,6 +239,8 @@ class Worker:
 
     async def shutdown(self) -> None:
         """Let in-flight jobs finish within the grace period; hand the rest back; close."""
+        for task in list(self.budget_waiting):
+            task.cancel()  # not started yet: handed back at once, not after the grace period
         if self.tasks:
             grace = self.settings.worker.grace_seconds
             log.info("waiting up to %.0fs for %d job(s) in flight", grace, len(self.tasks))
@@ -252,6 +257,8 @@ class Worker:
                     await helper
         with contextlib.suppress(errors.ChatqError):
             await self.store.clear_busy(self.id)
+        if self.budgets is not None:
+            await self.budgets.close()
         log.info("worker %s stopped", self.id)
 
     async def run_job(self, delivery: Delivery) -> None:
@@ -272,13 +279,18 @@ class Worker:
 
     async def _run_claimed(self, delivery: Delivery, message: jobs.QueueMessage) -> None:
         job_id = message.job_id
+        job_budget = await self._wait_for_budget(delivery, job_id)
         token = f"{self.id}:{uuid.uuid4().hex[:12]}"
         state = await self.store.claim(job_id, token, self.lease)
         if state != "ok":
             self._skip(job_id, state)
+            if job_budget is not None:
+                await job_budget.give_back()
             if state != "leased":  # terminal or gone: nothing left to do for this message
                 await self._queue_of(delivery).ack(delivery)
             return
+        if job_budget is not None and job_budget.waited:
+            await self.store.note_budget_wait(job_id, job_budget.waited)
         claimed_at = time.time()
         metrics.queue_wait.observe(max(0.0, claimed_at - message.enqueued_at))
         record = await self.store.get(job_id)
@@ -300,12 +312,60 @@ class Worker:
             await self._model_down(delivery, job_id, token, errors.ModelUnavailable(
                 f"the model is down ({self.breaker.current.last_error})"))
             return
-        await self._call_model(delivery, message, job_id, token, request, record["attempts"])
+        usage = await self._call_model(delivery, message, job_id, token, request,
+                                       record["attempts"], job_budget)
+        if usage and "total_tokens" in usage:
+            # The key's day quota reserved the job's cost at the api: count real usage instead.
+            delta = usage["total_tokens"] - budget.job_cost(request, self.settings)
+            with contextlib.suppress(errors.ChatqError):
+                await quotas.correct(self.store.redis, str(record.get("owner", "")),
+                                     float(record.get("created_at") or time.time()), delta)
+
+    async def _wait_for_budget(self, delivery: Delivery, job_id: str) -> budget.JobBudget | None:
+        """Take the first call's budget while the job is still `queued`, renewing the
+        message's lease meanwhile; None when there is no budget to take (or no job)."""
+        if self.budgets is None:
+            return None
+        record = await self.store.get(job_id)
+        if record is None or record.get("status") != jobs.Status.QUEUED.value:
+            return None  # claim() says what to do with it
+        try:
+            request = jobs.ChatRequest.model_validate(record.get("request") or {})
+        except ValueError:
+            return None
+        job_budget = self.budgets.for_job(request, str(record.get("owner", "")),
+                                          budget.priority_of(record))
+        keep = asyncio.create_task(self._keep_message(delivery))
+        me = asyncio.current_task()
+        assert me is not None
+        self.budget_waiting.add(me)
+        try:
+            await job_budget.take_early()
+        except asyncio.CancelledError:
+            if me.cancelling():
+                with contextlib.suppress(errors.ChatqError):
+                    await self._queue_of(delivery).release(delivery)
+                log.info("job %s handed back while waiting for budget", job_id)
+            raise
+        finally:
+            self.budget_waiting.discard(me)
+            keep.cancel()
+        return job_budget
+
+    async def _keep_message(self, delivery: Delivery) -> None:
+        """Keep an unclaimed message's lease alive (waiting for budget)."""
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            with contextlib.suppress(errors.ChatqError):
+                await self._queue_of(delivery).extend(delivery, self.lease)
 
     async def _call_model(self, delivery: Delivery, message: jobs.QueueMessage, job_id: str,
-                          token: str, request: jobs.ChatRequest, attempt: int) -> None:
+                          token: str, request: jobs.ChatRequest, attempt: int,
+                          job_budget: budget.JobBudget | None = None) -> dict[str, int] | None:
+        """Run the model and write the outcome; the usage when the answer was written."""
         sink = JobSink(self.store, job_id, attempt)
-        work = asyncio.create_task(llm.process_query(self.llm, request, sink, self.breaker))
+        work = asyncio.create_task(llm.process_query(self.llm, request, sink, self.breaker,
+                                                     job_budget))
         verdict: list[str] = []
         beat = asyncio.create_task(self._heartbeat(delivery, job_id, token, work, verdict))
         try:
@@ -319,13 +379,13 @@ class Worker:
             self._skip(job_id, verdict[0] if verdict else "cancelled")
             if verdict and verdict[0] != "lost":
                 await self._queue_of(delivery).ack(delivery)
-            return
+            return None
         except errors.ModelUnavailable as exc:
             await self._model_down(delivery, job_id, token, exc)
-            return
+            return None
         except errors.ChatqError as exc:
             await self._fail(delivery, job_id, token, exc, sink.attempt_errors)
-            return
+            return None
         finally:
             beat.cancel()
         with telemetry.span("chatq.result.write", **{"chatq.job.status": "succeeded"}):
@@ -347,6 +407,7 @@ class Worker:
             self._skip(job_id, state)
         if state != "lost":
             await self._queue_of(delivery).ack(delivery)
+        return answer.usage if state == "ok" else None
 
     async def _heartbeat(self, delivery: Delivery, job_id: str, token: str,
                          work: asyncio.Task[llm.Answer], verdict: list[str]) -> None:

@@ -18,7 +18,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatq import catalog, dispatcher, errors, feeder, filestore, metrics, results, telemetry, webhooks
+from chatq import (
+    catalog,
+    dispatcher,
+    errors,
+    feeder,
+    filestore,
+    metrics,
+    quotas,
+    results,
+    telemetry,
+    webhooks,
+)
 from chatq import settings as settings_mod
 from chatq.api import deps, openai_errors
 from chatq.api.routes import batches, chat, files, health, responses
@@ -168,7 +179,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     files_store = filestore.open_store(settings.files)
     cat = catalog.Catalog(store.redis)
     lane = open_queue(settings, lane="batch")
-    app.state.services = services = deps.Services(settings, store, queue, waiter, cat, files_store)
+    quota_default = quotas.Quota(settings.api.key_rpm, settings.api.key_tokens_per_day)
+    per_key: dict[str, quotas.Quota] = app.state.quotas
+    limits = (quotas.Quotas(store.redis, quota_default, per_key)
+              if per_key or not quota_default.unlimited else None)
+    app.state.services = services = deps.Services(settings, store, queue, waiter, cat, files_store,
+                                                  limits)
 
     async def batch_event(event: str, batch: catalog.BatchRecord) -> None:
         await webhooks.emit(store.redis, batch.owner, event, batch.id)
@@ -220,6 +236,7 @@ def create_app(settings: settings_mod.Settings) -> FastAPI:
     app.state.key_hashes = deps.parse_keys(settings.api.keys)
     # Checked here, so a bad CHATQ_WEBHOOK_ENDPOINTS stops the api at start, saying why.
     app.state.configured_webhooks = webhooks.configured_endpoints(settings.webhook)
+    app.state.quotas = quotas.parse(settings.api.quotas, deps.owner_of_entry)  # bad: fail at start
     app.include_router(chat.router)
     app.include_router(chat.aliases)
     app.include_router(chat.seed)

@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatq import catalog, filestore, results
+from chatq import quotas as quotas_mod
 from chatq import settings as settings_mod
 from chatq.queues import Queue
 
@@ -21,6 +22,14 @@ OPEN_OWNER = "open"
 def hash_key(key: str) -> str:
     """How an API key is kept: its SHA-256, hex."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def owner_of_entry(entry: str) -> str:
+    """The owner id (see get_owner) of a configured key entry, plain or `sha256:<hex>`."""
+    entry = entry.strip()
+    digest = (entry.removeprefix("sha256:").lower() if entry.startswith("sha256:")
+              else hash_key(entry))
+    return digest[:32]
 
 
 def parse_keys(raw: str) -> frozenset[str]:
@@ -53,6 +62,8 @@ class Services:
     waiter: results.DoneWaiter
     catalog: catalog.Catalog
     file_store: filestore.FileStore
+    quotas: quotas_mod.Quotas | None = None
+    """Per-key quotas; None when no key has any."""
     queue_ready: bool = False
     _setup_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

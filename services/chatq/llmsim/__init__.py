@@ -15,7 +15,9 @@ usage chunk out even when asked for it; an answer cut by `max_tokens` finishes w
 `finish_reason: "length"`; `context=N` gives the model an N-token context: a longer prompt
 is refused with OpenAI's 400 `context_length_exceeded`, and an answer that reaches it ends
 with `length`. `/tokenize` counts tokens the way llmsim does (words), as llama.cpp's does.
-Every answer says that it came from the simulator.
+With `CHATQ_LLMSIM_RPM` / `_TPM` it limits like a provider (`RateLimiter`): every answer
+carries OpenAI's `x-ratelimit-*` headers, and a call over the limit gets 429 with
+`retry-after` / `retry-after-ms`. Every answer says that it came from the simulator.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +70,74 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
                         status_code=status, headers=headers)
 
 
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `1m2.5s`, `340ms`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.3g}s" if minutes else f"{rest:.3g}s"
+
+
+class RateLimiter:
+    """A provider's RPM/TPM limit: two buckets of one minute's worth, refilled continuously.
+
+    A call holds prompt + max_tokens while it runs and is charged its real usage when it
+    ends (the reservation model chatq's budget uses too, so honest clients see no 429).
+    """
+
+    def __init__(self, rpm: int | None, tpm: int | None) -> None:
+        self.rpm, self.tpm = rpm, tpm
+        self.req, self.tok = float(rpm or 0), float(tpm or 0)
+        self.ts = time.monotonic()
+        self.limited = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        dt, self.ts = now - self.ts, now
+        if self.rpm:
+            self.req = min(self.rpm, self.req + self.rpm * dt / 60)
+        if self.tpm:
+            self.tok = min(self.tpm, self.tok + self.tpm * dt / 60)
+
+    def admit(self, cost: int) -> float:
+        """Take one request and `cost` tokens: 0 when admitted, else the seconds to wait."""
+        self._refill()
+        wait = 0.0
+        if self.rpm and self.req < 1:
+            wait = max(wait, (1 - self.req) * 60 / self.rpm)
+        if self.tpm and self.tok < min(cost, self.tpm):
+            wait = max(wait, (min(cost, self.tpm) - self.tok) * 60 / self.tpm)
+        if wait > 0:
+            self.limited += 1
+            return wait
+        if self.rpm:
+            self.req -= 1
+        if self.tpm:
+            self.tok -= cost
+        return 0.0
+
+    def settle(self, reserved: int, used: int) -> None:
+        """The call ended having used `used` tokens of the `reserved`."""
+        if self.tpm:
+            self._refill()
+            self.tok = min(self.tpm, self.tok + reserved - used)
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's six x-ratelimit-* headers, as of now."""
+        self._refill()
+        out: dict[str, str] = {}
+        for kind, limit, level in (("requests", self.rpm, self.req), ("tokens", self.tpm, self.tok)):
+            if limit:
+                out[f"x-ratelimit-limit-{kind}"] = str(limit)
+                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(level)))
+                out[f"x-ratelimit-reset-{kind}"] = _duration((limit - level) * 60 / limit)
+        return out
+
+
 class Simulator:
     """The simulated model: timing, answers and injected failures."""
 
@@ -74,7 +145,8 @@ class Simulator:
         self.cfg = cfg
         # Calls seen per conversation, for `llmsim:times=N` (bounded memory).
         self.calls: OrderedDict[str, int] = OrderedDict()
-        self.stats = {"requests": 0, "failed": 0}
+        self.stats = {"requests": 0, "failed": 0, "rate_limited": 0}
+        self.limiter = RateLimiter(cfg.rpm, cfg.tpm)
 
     def failure(self, messages: list[dict[str, Any]], d: dict[str, str]) -> str | None:
         """Which failure to inject for this call, if any: '429', '500', 'hang', a status."""
@@ -105,6 +177,19 @@ class Simulator:
         return _error(status, f"llmsim injected a {status}",
                       "server_error" if status >= 500 else "invalid_request_error")
 
+    def limit(self, reserved: int) -> dict[str, str] | Response:
+        """The x-ratelimit-* headers of an admitted call, or the 429 of a refused one."""
+        if not self.limiter.active:
+            return {}
+        wait = self.limiter.admit(reserved)
+        limits = self.limiter.headers()
+        if wait <= 0:
+            return limits
+        self.stats["rate_limited"] += 1
+        return _error(429, "Rate limit reached (llmsim's RPM/TPM limit)", "requests",
+                      {**limits, "retry-after": str(math.ceil(wait)),
+                       "retry-after-ms": str(math.ceil(wait * 1000))})
+
     async def complete(self, body: dict[str, Any]) -> Response:
         """One /v1/chat/completions call."""
         self.stats["requests"] += 1
@@ -120,6 +205,10 @@ class Simulator:
         itl = float(d.get("itl_ms", self.cfg.itl_ms)) / 1000
         count = int(d.get("tokens", self.cfg.tokens))
         prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in messages)
+        reserved = prompt_tokens + int(body.get("max_tokens") or self.cfg.tokens)
+        limits = self.limit(reserved)
+        if isinstance(limits, Response):
+            return limits
         finish = "stop"
         if "context" in d:
             room = int(d["context"]) - prompt_tokens
@@ -135,18 +224,26 @@ class Simulator:
                  "total_tokens": prompt_tokens + len(tokens)}
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "created": int(time.time()),
                 "model": model}
+        def settle() -> None:
+            if self.limiter.active:
+                self.limiter.settle(reserved, usage["total_tokens"])
+
         if not body.get("stream"):
-            await asyncio.sleep(ttft + itl * (len(tokens) - 1))
+            try:
+                await asyncio.sleep(ttft + itl * (len(tokens) - 1))
+            finally:
+                settle()
             return JSONResponse({**head, "object": "chat.completion", "usage": usage, "choices": [
                 {"index": 0, "finish_reason": finish,
-                 "message": {"role": "assistant", "content": "".join(tokens)}}]})
+                 "message": {"role": "assistant", "content": "".join(tokens)}}]}, headers=limits)
         with_usage = (bool((body.get("stream_options") or {}).get("include_usage"))
                       and d.get("usage") != "none")
         plan = StreamPlan(tokens, finish, ttft, itl, usage if with_usage else None,
                           stream_failure, int(d.get("after", len(tokens) // 2)))
         if stream_failure is not None:
             self.stats["failed"] += 1
-        return StreamingResponse(_stream(head, plan), media_type="text/event-stream")
+        return StreamingResponse(_settled(_stream(head, plan), settle),
+                                 media_type="text/event-stream", headers=limits)
 
 
 def count_tokens(text: str) -> int:
@@ -205,6 +302,16 @@ async def _stream(head: dict[str, Any], plan: StreamPlan) -> AsyncIterator[bytes
     if plan.usage is not None:
         yield chunk({}, None, plan.usage)
     yield b"data: [DONE]\n\n"
+
+
+async def _settled(stream: AsyncIterator[bytes], settle: Callable[[], None]
+                   ) -> AsyncIterator[bytes]:
+    """The stream, then the rate limiter told what it used (however the stream ends)."""
+    try:
+        async for piece in stream:
+            yield piece
+    finally:
+        settle()
 
 
 def create_app(cfg: settings_mod.LlmsimSettings) -> FastAPI:

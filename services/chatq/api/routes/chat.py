@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from chatq import errors, jobs, metrics, results, telemetry
+from chatq import budget, errors, jobs, metrics, quotas, results, telemetry
 from chatq.api.deps import OwnerDep, Services, ServicesDep, api_error
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class Job(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     updated_at: str | None = None
+    budget_wait_seconds: float | None = None
+    """Seconds the job waited, still queued, for the model's shared rate budget."""
 
 
 def _iso(ts: float | None) -> str | None:
@@ -81,6 +83,7 @@ def public_job(record: dict[str, Any]) -> dict[str, Any]:
     out["simulated"] = bool(record.get("simulated", False))
     for name in ("created_at", "started_at", "finished_at", "updated_at"):
         out[name] = _iso(record.get(name))
+    out["budget_wait_seconds"] = record.get("budget_wait_seconds")
     return out
 
 
@@ -93,7 +96,8 @@ async def load_owned(store: results.Store, job_id: str, owner: str) -> dict[str,
 
 
 @router.post("", status_code=202, response_model=JobCreated, summary="Ask a question",
-             responses={409: {"description": "Idempotency-Key reused with another body"}})
+             responses={409: {"description": "Idempotency-Key reused with another body"},
+                        429: {"description": "The API key is over its quota (Retry-After)"}})
 async def create_chat(
     body: jobs.ChatRequest, response: Response, owner: OwnerDep, svc: ServicesDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
@@ -105,11 +109,26 @@ async def create_chat(
                                                        jobs.fingerprint(body), job_id)
         if earlier is not None:
             return await _replay(svc, response, owner, idempotency_key, body, *earlier)
+    if svc.quotas is not None:
+        await _admit(svc, svc.quotas, owner, body, response, job_id, idempotency_key or "")
     record = await svc.store.create(job_id, owner, body, settings.llm_model,
                                     settings.uses_simulator)
     await enqueue(svc, job_id, owner, idempotency_key or "")
     response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
     return {"id": job_id, "status": record["status"], "created_at": _iso(record["created_at"])}
+
+
+async def _admit(svc: Services, limits: quotas.Quotas, owner: str, body: jobs.ChatRequest,
+                 response: Response, job_id: str, idem_key: str) -> None:
+    """The key's quota: headers on the answer, or 429 (an idempotency binding made for
+    this refused job is let go, so a retry with the same key is a new try)."""
+    cost = budget.job_cost(body, svc.settings)
+    try:
+        response.headers.update(await limits.admit(owner, cost))
+    except quotas.QuotaExceeded as exc:
+        if idem_key:
+            await svc.store.forget(job_id, owner, idem_key)
+        raise api_error(429, f"quota_exceeded_{exc.kind}", str(exc), exc.headers) from None
 
 
 async def _replay(svc: Services, response: Response, owner: str, key: str,
