@@ -36,6 +36,10 @@ class ScalerConfig:
     """Where the workers' `chatq:busy:<pod>` keys live; empty: busy counts are not read."""
     batch_queue: sources.QueueRef | None = None
     """The batch lane beside `queue`, counted too (`lanes: all`); None: interactive only."""
+    budget_redis_url: str = ""
+    """Where the workers' shared rate budget lives (`spec.budget`); empty: no cap."""
+    budget_endpoint: str = ""
+    """The budget's endpoint id (the workers' `endpoint` metric label); empty: the tightest."""
 
 
 def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "",
@@ -82,7 +86,11 @@ def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "",
     batch = None
     if lanes == "all":
         batch = batch_lane(queue, str(spec.get("batchSuffix") or DEFAULT_BATCH_SUFFIX))
-    return ScalerConfig(target, queue, rules, max(MIN_POLL_SECONDS, poll), busy, batch)
+    rate: Mapping[str, Any] | None = spec.get("budget")
+    budget_url = "" if rate is None else str(rate.get("redisUrl") or busy or default_redis_url)
+    endpoint = "" if rate is None else str(rate.get("endpoint") or "")
+    return ScalerConfig(target, queue, rules, max(MIN_POLL_SECONDS, poll), busy, batch,
+                        budget_url, endpoint)
 
 
 #: The workers' CHATQ_BATCH_QUEUE_SUFFIX default: the batch lane's queue is `<name>-batch`.

@@ -17,6 +17,9 @@ carry `Decision.history` over to the next poll. The rules, in the order they app
 7. Busy counts that could not be read hold any scale-down while messages are in flight.
 8. While the model is down (the workers' shared circuit breaker, `model_down`), no scale-out:
    the backlog waits for the model, not for pods; one pod may still wake from zero, to probe.
+9. The model's rate budget caps it all: never more replicas than the budget can keep busy
+   (`budget_cap`, see chatq.budget.operator_cap); when the cap is what limits, the reason
+   is `RateLimited`. Scaling out into a 429 storm is not possible.
 
 `deletion_costs` is the other pure choice: which pods the ReplicaSet should remove first.
 """
@@ -116,6 +119,7 @@ class Reason(enum.StrEnum):
     SOURCE_ERROR_HOLD = "SourceErrorHold"
     FALLBACK = "Fallback"
     MODEL_DOWN = "ModelDown"
+    RATE_LIMITED = "RateLimited"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,8 @@ class Decision:
     history: History
     demand: int = 0
     """Pods the counted messages need (before clamping and stabilization)."""
+    budget_cap: int | None = None
+    """The replicas the rate budget can keep busy, when it is what limited this decision."""
 
     @property
     def changes(self) -> bool:
@@ -164,15 +170,18 @@ class _Poll:
 
 
 def decide(metrics: Metrics | None, spec: Spec, history: History,
-           busy: Mapping[str, int] | None, model_down: bool = False) -> Decision:
+           busy: Mapping[str, int] | None, model_down: bool = False,
+           budget_cap: int | None = None) -> Decision:
     """The replicas for this poll; `metrics` is None when the queue could not be read.
 
     `busy` maps the target's live pods to their in-flight jobs (pods with no report are
     absent or 0); None when the busy counts could not be read, which holds any scale-down
     while messages are in flight (the pods to keep would be unknown). `model_down`: the
-    workers say the model is down, so more pods would not serve the backlog.
+    workers say the model is down, so more pods would not serve the backlog. `budget_cap`
+    is the replicas the model's rate budget can keep busy (None: no budget known): it lowers
+    maxReplicas (never below minReplicas).
     """
-    got = _decide(metrics, spec, history, busy)
+    got = _capped(metrics, spec, history, busy, budget_cap)
     current = history.current_replicas
     if model_down and got.replicas > max(current, 1):
         held = max(current, 1)
@@ -180,6 +189,22 @@ def decide(metrics: Metrics | None, spec: Spec, history: History,
             f"holding {held} replicas: the model is down, and more pods would not serve the "
             f"backlog ({got.replicas} wanted: {got.message})"))
     return got
+
+
+def _capped(metrics: Metrics | None, spec: Spec, history: History,
+            busy: Mapping[str, int] | None, budget_cap: int | None) -> Decision:
+    """The decision under the rate budget's cap (rule 9)."""
+    free = _decide(metrics, spec, history, busy)
+    if budget_cap is None:
+        return free
+    cap = max(spec.min_replicas, min(spec.max_replicas, budget_cap))
+    if free.replicas <= cap:
+        return free
+    capped = _decide(metrics, dataclasses.replace(spec, max_replicas=cap), history, busy)
+    return dataclasses.replace(
+        capped, reason=Reason.RATE_LIMITED, budget_cap=cap,
+        message=f"{free.replicas} replicas wanted, but the model's rate budget keeps only "
+                f"{cap} busy ({capped.message})")
 
 
 def _decide(metrics: Metrics | None, spec: Spec, history: History,

@@ -76,13 +76,19 @@ class Scaler:
         now = self.clock()
         history = (self.history.at(now, scale.replicas) if self.history is not None else
                    decision.History(now, scale.replicas, recommendations=((now, scale.replicas),)))
-        made = decision.decide(metrics, cfg.rules, history, busy, await self._model_down(cfg))
+        cap = await self._budget_cap(cfg)
+        made = decision.decide(metrics, cfg.rules, history, busy, await self._model_down(cfg), cap)
         self.history = made.history
         if made.replicas < scale.replicas:
             await self._protect_busy(pods, busy or {})
         wanted: dict[str, Any] = {"desiredReplicas": made.replicas, "currentReplicas": scale.running,
                                   "reason": str(made.reason), "message": made.message,
                                   "observedGeneration": generation}
+        limited = made.reason is decision.Reason.RATE_LIMITED
+        was_limited = any(c.get("type") == "RateLimited" and c.get("status") == "True"
+                          for c in current.get("conditions") or ())
+        if limited and not was_limited and not made.changes:
+            self.post("Normal", str(made.reason), f"Deployment {cfg.target}: {made.message}")
         if made.changes:
             log.info("QueueScaler %s/%s: %s %d -> %d (%s)", self.namespace, self.name, cfg.target,
                      scale.replicas, made.replicas, made.message)
@@ -101,7 +107,12 @@ class Scaler:
         telemetry.CURRENT.labels(self.namespace, self.name).set(scale.running)
         busy_pods = sum(1 for n in (busy or {}).values() if n > 0)
         telemetry.BUSY_PODS.labels(self.namespace, self.name).set(busy_pods)
-        await self._report(current, wanted, _conditions(made, metrics))
+        conditions = _conditions(made, metrics)
+        if metrics is not None:
+            conditions.append(status.Condition(
+                "RateLimited", limited, "BudgetCap" if limited else "WithinBudget",
+                made.message if limited else "the rate budget allows the replicas wanted"))
+        await self._report(current, wanted, conditions)
 
     async def _read(self, cfg: config.ScalerConfig) -> decision.Metrics | None:
         main = await self._read_one(cfg, cfg.queue)
@@ -133,6 +144,19 @@ class Scaler:
         except sources.SourceError as exc:
             log.debug("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
             return False
+
+    async def _budget_cap(self, cfg: config.ScalerConfig) -> int | None:
+        """Replicas the rate budget keeps busy; None without a budget (or unreadable: the
+        queue depth alone decides, as before the budget existed)."""
+        if not cfg.budget_redis_url:
+            return None
+        try:
+            return await self.readers.budget_cap(cfg.budget_redis_url, cfg.budget_endpoint,
+                                                 cfg.rules.messages_per_replica)
+        except sources.SourceError as exc:
+            log.warning("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
+            telemetry.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
+            return None
 
     async def _busy(self, cfg: config.ScalerConfig, pods: list[str]) -> dict[str, int] | None:
         """Busy counts of the live pods; {} when none are reported, None when unreadable."""

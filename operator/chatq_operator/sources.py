@@ -26,7 +26,7 @@ import botocore.config  # type: ignore[import-untyped,unused-ignore]
 import botocore.exceptions  # type: ignore[import-untyped,unused-ignore]
 import redis.asyncio as aioredis
 import redis.exceptions
-from chatq import results
+from chatq import budget, results
 
 from chatq_operator import decision
 
@@ -191,6 +191,30 @@ class Sources:
         except (redis.exceptions.RedisError, OSError) as exc:
             raise SourceError(f"model health at {_safe_url(redis_url)}: {exc}") from None
         return bool(state == "down")
+
+    async def budget_cap(self, redis_url: str, endpoint: str, concurrency: int) -> int | None:
+        """Replicas the model's rate budget can keep busy (chatq.budget.operator_cap), from
+        the workers' shared budget: its limits in force, and the mean seconds and tokens of
+        a call the workers measured. `endpoint` empty: every budget there, the tightest.
+        None while no budget (or no measured call) is there."""
+        client = self._redis_client(redis_url)
+        try:
+            names = ([results.budget_key(endpoint)] if endpoint else
+                     [k async for k in client.scan_iter(match=results.budget_key("*"), count=100)])
+            states = [await client.hgetall(name) for name in names]
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise SourceError(f"rate budget at {_safe_url(redis_url)}: {exc}") from None
+        caps = []
+        for state in states:
+            try:
+                rpm, tpm = float(state.get("rpm_eff", 0)), float(state.get("tpm_eff", 0))
+                seconds, tokens = float(state.get("model_s", 0)), float(state.get("call_tok", 0))
+            except ValueError:
+                continue
+            cap = budget.operator_cap(rpm, tpm, tokens, seconds, concurrency)
+            if cap is not None:
+                caps.append(cap)
+        return min(caps) if caps else None
 
     def _redis_client(self, url: str) -> aioredis.Redis:
         client = self._redis.get(url)

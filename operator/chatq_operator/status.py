@@ -8,6 +8,7 @@ message, lastTransitionTime); the time changes only when the status does.
   `SourceError` (the queue cannot be read: holding or on fallback).
 - `Active`: messages are waiting or being worked on.
 - `Fallback`: True while `fallbackReplicas` is in use because the queue cannot be read.
+- `RateLimited`: True while the model's rate budget caps the replicas (`spec.budget`).
 """
 
 from __future__ import annotations

@@ -41,12 +41,15 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 
-from chatq import errors, jobs, llm, metrics, results
+from chatq import errors, jobs, metrics, results
 from chatq import settings as settings_mod
+
+if TYPE_CHECKING:  # the operator imports this module: no openai SDK at run time
+    from chatq import llm
 
 log = logging.getLogger(__name__)
 

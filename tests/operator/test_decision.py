@@ -212,3 +212,26 @@ def test_a_down_model_holds_scale_out(metrics: Metrics, the_history: History, re
         assert "the model is down" in got.message
         # The same poll with the model up scales out.
         assert decision.decide(metrics, spec(), the_history, {}).replicas > replicas
+# --- rule 8: the rate budget's cap ---------------------------------------------------------
+
+@pytest.mark.parametrize(("visible", "current", "cap", "replicas", "reason"), [
+    (320, 2, None, 10, decision.Reason.SCALE_UP),        # no budget known: queue depth alone
+    (320, 2, 20, 10, decision.Reason.SCALE_UP),          # a cap above the demand changes nothing
+    (320, 2, 3, 3, decision.Reason.RATE_LIMITED),        # 10 wanted, the budget keeps 3 busy
+    (320, 6, 3, 3, decision.Reason.RATE_LIMITED),        # already above the cap: back down to it
+    (320, 3, 3, 3, decision.Reason.RATE_LIMITED),        # at the cap: held there, said so
+    (32, 1, 3, 1, decision.Reason.STEADY),               # the demand is below the cap
+    (320, 0, 2, 2, decision.Reason.RATE_LIMITED),        # waking from zero, capped too
+    (320, 2, 0, 1, decision.Reason.RATE_LIMITED),        # cap 0 never goes below minReplicas 1
+])
+def test_budget_cap(visible: int, current: int, cap: int | None, replicas: int,
+                    reason: decision.Reason) -> None:
+    spec = decision.Spec(min_replicas=1 if cap == 0 else 0, max_replicas=10,
+                         messages_per_replica=32)
+    history = decision.History(now=100.0, current_replicas=current, last_active_at=100.0,
+                               recommendations=((100.0, current),))
+    made = decision.decide(decision.Metrics(visible, 0), spec, history, {}, budget_cap=cap)
+    assert (made.replicas, made.reason) == (replicas, reason), made.message
+    if reason is decision.Reason.RATE_LIMITED:
+        assert made.budget_cap == max(spec.min_replicas, cap or 0)
+        assert "rate budget" in made.message

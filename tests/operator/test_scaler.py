@@ -236,3 +236,33 @@ async def test_the_batch_lane_counts_unless_told_otherwise(
     r.polls = scaler.Scaler("ns", "qs", r.api, r.readers, lambda *e: None, clock=lambda: r.clock[0])
     await r.poll({**SPEC, "lanes": lanes, "queue": {"redis": {"url": "redis://r:6379/0"}}})
     assert r.api.status["desiredReplicas"] == desired
+async def test_the_rate_budget_caps_the_replicas(redis_server: Any) -> None:
+    """A real Redis holds the workers' budget: 60 RPM and calls of 8 s keep 8 calls, two
+    pods of 4, busy; 320 waiting messages would want all 10."""
+    import redis.asyncio as aioredis
+    from chatq import budget
+
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    r = rig(1)
+    try:
+        shared = budget.Budget(client, "ep1", rpm=60, tpm=None)
+        assert (await shared.take(100)).granted
+        await shared.settle(budget.Outcome(reserved=100, used=40, model_seconds=8.0))
+        r.readers.depth = decision.Metrics(320, 0)
+        spec = {**SPEC, "budget": {"redisUrl": redis_server.url}}
+        await r.poll(spec)
+        assert r.api.replicas == 2
+        assert r.events == [("Normal", "RateLimited", r.events[0][2])]
+        assert "rate budget keeps only 2 busy" in r.events[0][2]
+        limited = r.condition("RateLimited")
+        assert (limited["status"], limited["reason"]) == ("True", "BudgetCap")
+        # Held at the cap: no second Event while it still applies.
+        await r.poll(spec)
+        assert r.api.replicas == 2 and len(r.events) == 1
+        # Without spec.budget the queue depth alone decides.
+        await r.poll(SPEC)
+        assert r.api.replicas == 10
+        assert r.condition("RateLimited")["status"] == "False"
+    finally:
+        await r.readers.close()
+        await client.aclose()
