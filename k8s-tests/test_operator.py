@@ -456,3 +456,44 @@ def test_one_read_per_poll_for_scalers_sharing_a_queue(cluster: Cluster, operato
     polls = (time.monotonic() - started) / POLL
     sys.stderr.write(f"3 scalers, {polls:.0f} polls each: {reads:.0f} reads of the queue\n")
     assert reads <= math.ceil(polls) + 1, f"{reads} reads for 3 scalers over {polls:.1f} polls"
+
+
+def test_the_rate_budget_caps_scale_out(cluster: Cluster, operator: Operator) -> None:
+    """80 waiting entries want 10 pods of 4, but the workers' shared budget (60 RPM, calls
+    of 8 s: 8 calls in flight) keeps only 2 busy: the operator stops there, says so in the
+    RateLimited condition and an Event, and scales out when the budget grows."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from chatq import budget
+
+    async def write_budget(url: str, rpm: int) -> None:
+        client = aioredis.from_url(url, decode_responses=True)
+        try:
+            shared = budget.Budget(client, "ep-test", rpm=rpm, tpm=None)
+            assert (await shared.take(100)).granted
+            await shared.settle(budget.Outcome(reserved=100, used=40, model_seconds=8.0))
+        finally:
+            await client.aclose()
+
+    with servers.redis_server() as queue_redis:
+        rds = redis.Redis.from_url(queue_redis.url)
+        rds.xgroup_create("jobs", "workers", id="0", mkstream=True)
+        for i in range(80):
+            rds.xadd("jobs", {"n": str(i)})
+        rds.close()
+        asyncio.run(write_budget(queue_redis.url, 60))
+        cluster.deployment("worker", 1)
+        cluster.scaler("qs", scaler_spec(
+            "worker", {"redis": {"url": queue_redis.url, "stream": "jobs", "group": "workers"}},
+            maxReplicas=10, messagesPerReplica=4, budget={"redisUrl": queue_redis.url}))
+        wait_until(lambda: cluster.condition("qs", "RateLimited").get("status") == "True",
+                   "RateLimited=True", 20)
+        assert cluster.replicas("worker") == 2
+        assert "keeps only 2 busy" in cluster.condition("qs", "RateLimited")["message"]
+        wait_until(lambda: "RateLimited" in cluster.events("qs"), "a RateLimited Event", 10)
+        time.sleep(3 * POLL)
+        assert cluster.replicas("worker") == 2  # held at the cap, poll after poll
+        # The budget grows (a higher limit): the cap lifts with it.
+        asyncio.run(write_budget(queue_redis.url, 300))
+        wait_until(lambda: cluster.replicas("worker") == 10, "10 replicas under a 300 RPM budget", 20)

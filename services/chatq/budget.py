@@ -20,8 +20,10 @@ Where the limits come from (the rule):
 4. A 429 blocks the endpoint for every worker for its `retry-after`, and multiplies the
    effective limits by 0.7 (at most once a second, so a burst of 429s is one cut); the
    factor recovers by 0.01 a second (AIMD, as TCP does: from 0.5 back to 1 in ~50 s).
-   A 429 while no limit at all is known sets both to the rate granted over the last minute
-   (a decayed count), so an unconfigured endpoint learns a ceiling on its first 429.
+   With no limit known at all (no setting, no headers), a 429 still blocks every worker
+   for its retry-after (1 s when it names none): one pause for all instead of a storm. A
+   ceiling guessed from the rate of the last minute was tried and dropped: one unlucky
+   429 at a quiet time would pin the endpoint to that quiet rate.
 
 Interactive before batch: a refused interactive call marks the endpoint for the time it
 must wait; while marked, batch calls are refused, so the next budget goes to interactive.
@@ -295,17 +297,13 @@ if tpm <= 0 and lim_tok > 0 then
   if rem_tok >= 0 then tok = rem_tok else tok = tpm end
 end
 local retry = tonumber(ARGV[10])
+if retry == 0 then retry = 1000 end
 if retry >= 0 then
   table.insert(extra, 'blocked_until')
   table.insert(extra, math.max(num(h.blocked_until, 0), now + retry))
   if now - num(h.cut_at, 0) >= 1000 then
     factor = math.max(0.05, factor * 0.7)
     table.insert(extra, 'cut_at') table.insert(extra, now)
-    -- No limit known at all: both become the rate granted over the last minute.
-    if rpm <= 0 and tpm <= 0 then
-      table.insert(extra, 'rpm_learnt') table.insert(extra, math.max(1, ew_req))
-      table.insert(extra, 'tpm_learnt') table.insert(extra, math.max(1, ew_tok))
-    end
   end
   table.insert(extra, 'throttled') table.insert(extra, num(h.throttled, 0) + 1)
 end

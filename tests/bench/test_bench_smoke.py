@@ -20,6 +20,7 @@ from tests.servers import REPO, chatq_env
     ("bench.overhead", "ratio chatq p50 / peer p50"),
     ("bench.responses", "ratio responses / chat p50"),
     ("bench.batches", "ratio batch / interactive"),
+    ("bench.rate_budget", "ratio chatq / peer (use)"),
 ])
 def test_bench_quick(module: str, ratio_line: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=REPO, env=chatq_env(),

@@ -108,14 +108,15 @@ async def test_limits_are_learnt_from_headers(client: aioredis.Redis) -> None:
     assert grants == [True, True, False, False]  # 3, less the cushion
 
 
-async def test_an_unconfigured_endpoint_learns_its_rate_from_a_429(client: aioredis.Redis) -> None:
+async def test_an_unconfigured_endpoint_pauses_everyone_on_a_429(client: aioredis.Redis) -> None:
     b = _budget(client)
     for _ in range(20):
         assert (await b.take(10, now_ms=T0)).granted
-    await b.settle(budget.Outcome(reserved=10, retry_after=1.0), now_ms=T0)
-    state = await b.state()
-    assert state["rpm_learnt"] == pytest.approx(20)
-    assert state["tpm_learnt"] == pytest.approx(200, rel=0.1)
+    await b.settle(budget.Outcome(reserved=10, retry_after=0.0), now_ms=T0)  # no retry-after
+    paused = await _budget(client).take(10, now_ms=T0 + 10)
+    assert not paused.granted and paused.wait_seconds == pytest.approx(0.99)
+    after = await b.take(10, now_ms=T0 + 1_000)
+    assert after.granted and after.rpm == 0  # and no ceiling guessed from a quiet minute
 
 
 async def test_gate_serves_interactive_first_then_the_least_served_key(

@@ -58,7 +58,9 @@ def alert_rules() -> list[dict[str, Any]]:
 def must_be_empty(expr: str) -> bool:
     """Expressions that rightly return nothing in this test, and why."""
     return ("chatq_operator_" in expr  # no operator runs here (k8s-tests cover it)
-            or 'status=~"5.."' in expr)  # no request failed
+            or 'status=~"5.."' in expr  # no request failed
+            or "chatq_provider_rate_limited" in expr  # llmsim is not limited here
+            or "chatq_quota_refusals" in expr)  # and no key has a quota
 
 
 def wait_done(http: httpx.Client, job_id: str) -> dict[str, Any]:
@@ -111,7 +113,8 @@ def test_dashboard_is_grafana_json_with_the_panels_the_issue_asks_for() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "chatq-overview"
     titles = {p["title"] for p in dashboard["panels"] if p["type"] == "row"}
-    assert titles == {"Throughput", "Latency", "Backlog", "Errors", "Tokens", "Replicas", "Logs"}
+    assert titles == {"Throughput", "Latency", "Backlog", "Errors", "Tokens", "Replicas", "Logs",
+                      "Rate budget and quotas"}
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     queries = [t for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -243,4 +246,5 @@ def test_no_user_text_or_job_ids_in_label_sets(path: Path) -> None:
     grouped = set(re.findall(r"by \(([^)]*)\)", text))
     labels = {label.strip() for group in grouped for label in group.split(",")}
     assert labels <= {"le", "route", "status", "reason", "model", "kind", "queue", "state",
-                      "name", "namespace", "pod", "instance"}, labels
+                      "name", "namespace", "pod", "instance",
+                      "endpoint", "priority", "key"}, labels  # endpoint, key: digests or names
