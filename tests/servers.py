@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -281,3 +281,126 @@ def s3_server(bucket: str = "chatq-files", port: int | None = None) -> Iterator[
             yield server
         finally:
             server.stop()
+class FaultyLink:
+    """A TCP proxy on a free loopback port in front of one server, whose link can be cut
+    silently: `blackhole()` keeps accepting connections and keeps every socket open, but
+    forwards no byte either way (a dropped route: no RST, no FIN, just silence), until
+    `heal()`, when what was held flows again. `reset()` closes every connection instead.
+
+    The proxy runs its own event loop in a thread, so sync and async tests can both use it.
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        import asyncio
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.accepted = 0
+        self._asyncio = asyncio
+        self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._writers: set[Any] = set()
+        self._tasks: set[Any] = set()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(started,), daemon=True,
+                                        name=f"faulty-link-{self.port}")
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError(f"the proxy on port {self.port} did not start")
+
+    def _main(self, started: Any) -> None:
+        try:
+            self._loop.run_until_complete(self._run(started))
+        finally:
+            self._loop.close()
+
+    async def _run(self, started: Any) -> None:
+        asyncio = self._asyncio
+        self._flowing.set()
+        server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        started.set()
+        await self._stop.wait()
+        server.close()
+        while self._tasks:  # connections accepted while stopping are ended too
+            for w in list(self._writers):
+                w.transport.abort()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await server.wait_closed()
+
+    def _accept(self, reader: Any, writer: Any) -> None:
+        if self._stop.is_set():
+            writer.transport.abort()
+            return
+        task = self._loop.create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        asyncio = self._asyncio
+        self.accepted += 1
+        self._writers.add(writer)
+        upstream: Any = None
+        try:
+            await self._flowing.wait()  # a blackholed link completes no handshake upstream
+            up_reader, upstream = await asyncio.open_connection(*self.target)
+            self._writers.add(upstream)
+            await asyncio.gather(self._pump(reader, upstream), self._pump(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            for w in (writer, upstream):
+                if w is not None:
+                    self._writers.discard(w)
+                    w.transport.abort()
+
+    async def _pump(self, reader: Any, writer: Any) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            await self._flowing.wait()  # held, not dropped: a healed link delivers it late
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    def _call(self, fn: Callable[[], object]) -> None:
+        async def run() -> None:
+            fn()
+
+        self._asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def blackhole(self) -> None:
+        """Stop forwarding, silently, on every connection, old and new."""
+        self._call(self._flowing.clear)
+
+    def heal(self) -> None:
+        """Forward again (held bytes included)."""
+        self._call(self._flowing.set)
+
+    def reset(self) -> None:
+        """Close every connection through the link (peers see the sockets close)."""
+        def close_all() -> None:
+            for w in list(self._writers):
+                w.transport.abort()
+        self._call(close_all)
+
+    def close(self) -> None:
+        """Stop the proxy and its thread."""
+        if self._thread.is_alive():
+            self._call(self._stop.set)
+            self._thread.join(10)
+
+
+@contextlib.contextmanager
+def faulty_link(target_port: int) -> Iterator[FaultyLink]:
+    """A FaultyLink in front of 127.0.0.1:target_port, closed afterwards."""
+    link = FaultyLink(target_port)
+    try:
+        yield link
+    finally:
+        link.close()

@@ -88,6 +88,9 @@ class Worker:
         self.tasks: dict[asyncio.Task[None], Delivery] = {}
         self.budget_waiting: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
+        # Cleared when a job meets an unreachable Redis; receiving waits until it is set.
+        self.store_ok = asyncio.Event()
+        self.store_ok.set()
         self._reporter: asyncio.Task[None] | None = None
         self._janitor: asyncio.Task[None] | None = None
         # The model's health, shared with every worker: a down model holds the queue.
@@ -149,6 +152,9 @@ class Worker:
         delay = 0.5
         try:
             while not self.stopping.is_set():
+                if not self.store_ok.is_set():
+                    await self._wait_for_store()
+                    continue
                 if self.breaker.down and not self.breaker.outage_over():
                     # Hold the queue: nothing is received until the model answers again.
                     await self.breaker.wait_change(1.0)
@@ -231,6 +237,21 @@ class Worker:
             return self.batch_queue
         return self.queue
 
+    async def _wait_for_store(self) -> None:
+        """Redis went silent for this worker: probe it (with backoff) before taking more."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                await self.store.ping()
+                log.info("Redis answers again: receiving jobs")
+                self.store_ok.set()
+                return
+            except errors.ChatqError as exc:
+                log.warning("not receiving: Redis is unreachable from this worker (%s); "
+                            "probing again in %.1fs", exc, delay)
+            await self._sleep_unless_stopping(delay)
+            delay = min(5.0, delay * 2)
+
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
         metrics.in_flight.set(len(self.tasks))
@@ -274,8 +295,14 @@ class Worker:
             try:
                 await self._run_claimed(delivery, message)
             except errors.StoreUnavailable as exc:
-                # The message stays unacked: it comes back once Redis does.
-                log.warning("job %s left for later: %s", message.job_id, exc)
+                # Handed straight back, so a worker that can reach Redis takes it now (on
+                # SQS this worker could otherwise take it again and again, and sit on it);
+                # receiving pauses until Redis answers this worker again.
+                log.warning("job %s handed back: %s", message.job_id, exc)
+                self.store_ok.clear()
+                with contextlib.suppress(errors.ChatqError, TimeoutError):
+                    async with asyncio.timeout(self.settings.redis.timeout_seconds):
+                        await self.queue.release(delivery)
 
     async def _run_claimed(self, delivery: Delivery, message: jobs.QueueMessage) -> None:
         job_id = message.job_id

@@ -202,7 +202,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.redis, app.state.configured_webhooks)
     sender = None
     if settings.webhook.dispatch:
-        sender = dispatcher.Dispatcher(store.redis, endpoints, settings.webhook,
+        # Its XREADGROUP blocks: the events client's socket timeout allows for that.
+        sender = dispatcher.Dispatcher(store.events, endpoints, settings.webhook,
                                        consumer=f"{socket.gethostname()}-{os.getpid()}")
         await sender.start()
     if not app.state.key_hashes:
