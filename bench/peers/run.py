@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -169,9 +170,9 @@ async def run_workers(args: argparse.Namespace, env: dict[str, str], redis_url: 
             queue = f"celery-{uuid.uuid4().hex[:6]}"
             penv["PEER_BROKER"] = f"sqs://x:x@{sqs_url.removeprefix('http://')}"
             penv["PEER_SQS_QUEUE_URL"] = f"{sqs_url}/000000000000/{queue}"
-            import boto3
-            boto3.client("sqs", endpoint_url=sqs_url, region_name="elasticmq", aws_access_key_id="x",
-                         aws_secret_access_key="x").create_queue(QueueName=queue)
+            # ElasticMQ takes SQS's query API unsigned.
+            url = f"{sqs_url}/?Action=CreateQueue&QueueName={queue}"
+            await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=10).close())
         # One-job-per-process peers get ten rounds of their slots, not the whole backlog:
         # enough for a sustained rate without minutes of waiting.
         n = min(args.jobs, peer.concurrency * 10)
