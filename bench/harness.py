@@ -53,7 +53,8 @@ async def preload(store: results.Store, queue: Queue, n: int, text: str = "bench
     request = jobs.ChatRequest(message=text)
     for start in range(0, n, 200):
         chunk = ids[start:start + 200]
-        await asyncio.gather(*(store.create(i, "open", request, "chatq-sim-1", True) for i in chunk))
+        await asyncio.gather(*(store.create(
+            jobs.JobRecord.queued(i, "open", request, "chatq-sim-1", True)) for i in chunk))
         await asyncio.gather(*(queue.send(jobs.encode_message(i), {}) for i in chunk))
     return ids
 

@@ -57,8 +57,9 @@ async def chatq_overheads(env: dict[str, str], rate: float, seconds: float) -> l
                 assert job["status"] == "succeeded", job
     out = []
     for job_id in ids:
-        raw = await store.redis.hgetall(results.job_key(job_id))
-        out.append(float(raw["finished_at"]) - float(raw["created_at"]) - float(raw["_model_seconds"]))
+        record = await store.get(job_id)
+        assert record is not None and record.finished_at and record.created_at, job_id
+        out.append(record.finished_at - record.created_at - (record.model_seconds or 0.0))
     await store.close()
     return out
 

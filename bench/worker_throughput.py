@@ -15,7 +15,7 @@ import time
 import uuid
 
 import openai
-from chatq import jobs
+from chatq import jobs, results
 
 from bench import harness
 from tests import servers
@@ -35,7 +35,7 @@ async def seed_worker(env: dict[str, str], seconds: float) -> int:
                 job_id = jobs.decode_message(d.body).job_id
                 reply = await client.chat.completions.create(
                     model="chatq-sim-1", messages=[{"role": "user", "content": "bench"}])
-                await store.redis.hset(f"chatq:job:{job_id}", mapping={
+                await store.redis.hset(results.job_key(job_id), mapping={
                     "status": "succeeded", "answer": reply.choices[0].message.content or ""})
                 await queue.ack(d)
                 done += 1

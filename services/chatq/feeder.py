@@ -195,8 +195,10 @@ class Feeder:
                        for i in range(start, min(batch.fed, start + WRITE_CHUNK))]
                 records = await self._stopped(ids, await self.store.get_many(ids))
                 for job_id, record in zip(ids, records, strict=True):
-                    custom_id = str(record.get("custom_id", "")) if record else ""
-                    await self._emit(out, err, counts, custom_id, job_id, record, outcome)
+                    custom_id = (record.custom_id or "") if record else ""
+                    # The result-line builders (chatq.batches) read records as mappings.
+                    await self._emit(out, err, counts, custom_id, job_id,
+                                     record.model_dump(mode="json") if record else None, outcome)
             if batch.fed < batch.total:
                 await self._emit_unfed(batch, out, err, counts, outcome)
             await out.commit()
@@ -223,12 +225,12 @@ class Feeder:
                      counts["err"])
             await self._announce(f"batch.{outcome}", batch.id)
 
-    async def _stopped(self, ids: list[str], records: list[dict[str, Any] | None]
-                       ) -> list[dict[str, Any] | None]:
+    async def _stopped(self, ids: list[str], records: list[jobs.JobRecord | None]
+                       ) -> list[jobs.JobRecord | None]:
         """Cancel the lines not yet terminal (the batch is ending); their records after."""
         changed = False
         for job_id, record in zip(ids, records, strict=True):
-            if record is not None and not jobs.Status(record["status"]).terminal:
+            if record is not None and not record.status.terminal:
                 await self.store.cancel(job_id)
                 changed = True
         return await self.store.get_many(ids) if changed else records

@@ -90,10 +90,10 @@ class Janitor:
             if verdict is Verdict.REQUEUE:
                 state = await self._requeue(job)
             elif verdict is Verdict.FAIL:
-                state = await self.store.abandon(job.job_id, stale, "fail", {
-                    "code": "abandoned",
-                    "message": f"no worker finished the job: its lease ran out and it was "
-                               f"put back on the queue {job.requeues} time(s)"})
+                state = await self.store.abandon(job.job_id, stale, "fail", jobs.JobError(
+                    code="abandoned",
+                    message=f"no worker finished the job: its lease ran out and it was "
+                            f"put back on the queue {job.requeues} time(s)"))
             else:
                 state = "skipped"
             if state in ("requeued", "failed"):

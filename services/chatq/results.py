@@ -7,10 +7,14 @@ Every Redis key chatq uses is named here:
 - `chatq:idem:<owner>:<key>` string: "<fingerprint> <job id>" for Idempotency-Key
 - `chatq:busy:<worker id>`  string: in-flight jobs of one worker, read by the operator
 - `chatq:leases`            sorted set: the id of every `running` job, scored by its lease
-                            expiry (ms); what the stale-job janitor sweeps. Bounded by the
-                            jobs running now: finish, cancel and hand-back remove the member
+                            expiry (seconds, like `_lease_expires_at`); what the stale-job
+                            janitor sweeps. Bounded by the jobs running now: finish, cancel
+                            and hand-back remove the member
 - `chatq:model:health`      hash: the model's circuit breaker (chatq.breaker), shared by all
 - `chatq:model:probe`       string: the lock of the worker probing a down model
+- `chatq:budget:<endpoint>`  hash: the shared rate budget of one model endpoint (budget.py)
+- `chatq:quota:<owner>:rpm`  hash: an API key's requests-per-minute bucket (quotas.py)
+- `chatq:quota:<owner>:tpd:<day>` string: tokens an API key used on one UTC day (quotas.py)
 - channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls)
 - `chatq:webhook:on`        string: set once any webhook endpoint exists; until then no
                             webhook events are recorded
@@ -20,6 +24,8 @@ Every Redis key chatq uses is named here:
 - `chatq:webhook:outbox`    sorted set: delivery id scored by its next attempt (unix s)
 - `chatq:webhook:delivery:<id>` hash: one event for one endpoint, its attempts and last error
 - `chatq:webhook:dead:<owner>` list: dead-lettered deliveries, newest first (bounded)
+
+
 - `chatq:file:<id>`          hash: a file's metadata (its body is in the file store)
 - `chatq:files:<owner>`      sorted set: one key's file ids by creation time
 - `chatq:batch:<id>`         hash: a batch (status, timestamps, counts, feed cursor)
@@ -29,9 +35,6 @@ Every Redis key chatq uses is named here:
 
 A batch line is a job like any other (`chatq:job:<id>`) whose record names its batch;
 finishing it counts it in the batch's `completed` or `failed`, in the same script.
-- `chatq:budget:<endpoint>`  hash: the shared rate budget of one model endpoint (budget.py)
-- `chatq:quota:<owner>:rpm`  hash: an API key's requests-per-minute bucket (quotas.py)
-- `chatq:quota:<owner>:tpd:<day>` string: tokens an API key used on one UTC day (quotas.py)
 
 The state changes that must be atomic (claim, renew, finish, cancel, hand back) are Lua
 scripts, so a job's answer is written once however often its message is delivered.
@@ -48,7 +51,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -64,8 +67,7 @@ DONE_CHANNEL = "chatq:done"
 LEASES_KEY = "chatq:leases"
 JOB_PREFIX = "chatq:job:"
 TERMINAL = tuple(s.value for s in jobs.Status if s.terminal)
-JSON_FIELDS = ("error", "usage", "metadata", "request", "view", "attempt_errors")
-FLOAT_FIELDS = ("created_at", "started_at", "finished_at", "updated_at", "budget_wait_seconds")
+"""The statuses after which nothing happens to a job; the Lua scripts take theirs from here."""
 
 
 def job_key(job_id: str) -> str:
@@ -88,26 +90,19 @@ def busy_key(worker_id: str) -> str:
     return f"chatq:busy:{worker_id}"
 
 
-WEBHOOK_ON = "chatq:webhook:on"
-WEBHOOK_EVENTS = "chatq:webhook:events"
-WEBHOOK_OUTBOX = "chatq:webhook:outbox"
-#: Entries kept in the webhook event stream while no dispatcher reads it (memory bound).
-WEBHOOK_EVENTS_MAXLEN = 100_000
+def budget_key(endpoint: str) -> str:
+    """The rate budget of one model endpoint (budget.endpoint_id)."""
+    return f"chatq:budget:{endpoint}"
 
 
-def webhook_endpoints_key(owner: str) -> str:
-    """The endpoints one API key made through the API."""
-    return f"chatq:webhook:endpoints:{owner}"
+def quota_rpm_key(owner: str) -> str:
+    """An API key's requests-per-minute bucket."""
+    return f"chatq:quota:{owner}:rpm"
 
 
-def webhook_delivery_key(delivery_id: str) -> str:
-    """One event on its way to one endpoint."""
-    return f"chatq:webhook:delivery:{delivery_id}"
-
-
-def webhook_dead_key(owner: str) -> str:
-    """The dead-lettered deliveries of one API key."""
-    return f"chatq:webhook:dead:{owner}"
+def quota_tokens_key(owner: str, day: str) -> str:
+    """Tokens an API key used on one UTC day (YYYY-MM-DD)."""
+    return f"chatq:quota:{owner}:tpd:{day}"
 
 
 def file_key(file_id: str) -> str:
@@ -157,21 +152,6 @@ BUSY_RETRY_SECONDS = 0.25
 MAX_EVENTS_BLOCK_SECONDS = 15.0
 
 
-def budget_key(endpoint: str) -> str:
-    """The rate budget of one model endpoint (budget.endpoint_id)."""
-    return f"chatq:budget:{endpoint}"
-
-
-def quota_rpm_key(owner: str) -> str:
-    """An API key's requests-per-minute bucket."""
-    return f"chatq:quota:{owner}:rpm"
-
-
-def quota_tokens_key(owner: str, day: str) -> str:
-    """Tokens an API key used on one UTC day (YYYY-MM-DD)."""
-    return f"chatq:quota:{owner}:tpd:{day}"
-
-
 def connect(cfg: settings_mod.RedisSettings, blocking_seconds: float = 0.0) -> aioredis.Redis:
     """A client whose pool makes callers wait (up to the timeout) rather than fail at the cap.
 
@@ -210,69 +190,105 @@ def translate_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
     return wrapper
 
 
+WEBHOOK_ON = "chatq:webhook:on"
+WEBHOOK_EVENTS = "chatq:webhook:events"
+WEBHOOK_OUTBOX = "chatq:webhook:outbox"
+#: Entries kept in the webhook event stream while no dispatcher reads it (memory bound).
+WEBHOOK_EVENTS_MAXLEN = 100_000
+
+
+def webhook_endpoints_key(owner: str) -> str:
+    """The endpoints one API key made through the API."""
+    return f"chatq:webhook:endpoints:{owner}"
+
+
+def webhook_delivery_key(delivery_id: str) -> str:
+    """One event on its way to one endpoint."""
+    return f"chatq:webhook:delivery:{delivery_id}"
+
+
+def webhook_dead_key(owner: str) -> str:
+    """The dead-lettered deliveries of one API key."""
+    return f"chatq:webhook:dead:{owner}"
+
+
+def _lua_prelude() -> str:
+    """Shared head of every script: the statuses and the terminal set from jobs.Status, and
+    one clock (seconds since the epoch, as a float, like every `*_at` field)."""
+    terminal = ", ".join(f"['{s}'] = true" for s in TERMINAL)
+    statuses = "\n".join(f"local {s.name} = '{s.value}'" for s in jobs.Status)
+    return f"""
+local TERMINAL = {{{terminal}}}
+{statuses}
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+
+
 # Lua (a fragment of _FINISH and _CANCEL): record a webhook event with the outcome, in the
 # same script, so an outcome is never written without its event. KEYS[4] the on-flag,
-# KEYS[5] the event stream; JOB and STATUS are Lua expressions.
+# KEYS[5] the event stream; JOB and STATUS are Lua expressions, `t` the script's now().
 _WEBHOOK_EVENT = """
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', 'EVENTS_MAXLEN', '*', 'job', JOB,
     'owner', redis.call('HGET', KEYS[1], 'owner') or '',
     'kind', redis.call('HGET', KEYS[1], 'kind') or 'chat', 'status', STATUS,
-    'finish_reason', redis.call('HGET', KEYS[1], 'finish_reason') or '', 'at', tostring(now))
+    'finish_reason', redis.call('HGET', KEYS[1], 'finish_reason') or '', 'at', tostring(t))
 end
 """.replace("EVENTS_MAXLEN", str(WEBHOOK_EVENTS_MAXLEN))
 
-# Lua: take the job if it is not terminal and no live lease holds it.
-_CLAIM = """
+# Lua: take the job if it is not terminal and no live lease holds it. ARGV: token, lease
+# seconds, ttl, job id. Returns {'ok', <HGETALL>} or {why not}.
+_CLAIM = _lua_prelude() + """
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return 'missing' end
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return st end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not st then return {'missing'} end
+if TERMINAL[st] then return {st} end
+local t = now()
 local holder = redis.call('HGET', KEYS[1], '_lease')
-local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_until') or '0')
-if holder and holder ~= '' and holder ~= ARGV[1] and untl > now then return 'leased' end
+local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_expires_at') or '0')
+if holder and holder ~= '' and holder ~= ARGV[1] and untl > t then return {'leased'} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', '_lease', ARGV[1],
-  '_lease_until', now + tonumber(ARGV[2]), 'updated_at', now / 1000)
+redis.call('HSET', KEYS[1], 'status', RUNNING, '_lease', ARGV[1],
+  '_lease_expires_at', t + tonumber(ARGV[2]), 'updated_at', t)
 if not redis.call('HGET', KEYS[1], 'started_at') then
-  redis.call('HSET', KEYS[1], 'started_at', now / 1000)
+  redis.call('HSET', KEYS[1], 'started_at', t)
 end
 redis.call('XADD', KEYS[2], '*', 'type', 'attempt', 'data', '{"attempt":' .. attempts .. '}')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[4])
-return 'ok'
+redis.call('ZADD', KEYS[3], t + tonumber(ARGV[2]), ARGV[4])
+return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
 # Lua: extend our lease; tell the caller if the job was cancelled or the lease lost.
-_RENEW = """
+# ARGV: token, lease seconds, job id.
+_RENEW = _lua_prelude() + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
-if st ~= 'running' then return st end
+if st ~= RUNNING then return st end
 if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], '_lease_until', now + tonumber(ARGV[2]))
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+local untl = now() + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], '_lease_expires_at', untl)
+redis.call('ZADD', KEYS[2], untl, ARGV[3])
 return 'ok'
 """
 
 # Lua: write the outcome once, only while holding the lease. ARGV: token, ttl, done-event
 # JSON, job id, then field/value pairs.
-_FINISH = """
+_FINISH = _lua_prelude() + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
-if st ~= 'running' then return st end
+if st ~= RUNNING then return st end
 if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local t = now()
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('HSET', KEYS[1], 'finished_at', now, 'updated_at', now)
-redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+redis.call('HSET', KEYS[1], 'finished_at', t, 'updated_at', t)
+redis.call('HDEL', KEYS[1], '_lease', '_lease_expires_at')
 local batch = redis.call('HGET', KEYS[1], 'batch_id')
 if batch then
   local counter = 'failed'
-  if redis.call('HGET', KEYS[1], 'status') == 'succeeded' then counter = 'completed' end
+  if redis.call('HGET', KEYS[1], 'status') == SUCCEEDED then counter = 'completed' end
   redis.call('HINCRBY', KEYS[7] .. batch, counter, 1)
 end
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[3])
@@ -286,54 +302,53 @@ return 'ok'
 """
 
 # Lua: cancel a job that is not terminal; idempotent. Returns the status after the call.
-_CANCEL = """
+# ARGV: ttl, job id, error JSON, done-event JSON.
+_CANCEL = _lua_prelude() + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 'missing' end
-if st == 'succeeded' or st == 'failed' or st == 'cancelled' then return st end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now, 'updated_at', now,
-  'error', '{"code":"cancelled","message":"cancelled by the client"}')
-redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
-redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', '{"status":"cancelled"}')
+if TERMINAL[st] then return st end
+local t = now()
+redis.call('HSET', KEYS[1], 'status', CANCELLED, 'finished_at', t, 'updated_at', t,
+  'error', ARGV[3])
+redis.call('HDEL', KEYS[1], '_lease', '_lease_expires_at')
+redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[6], ARGV[2])
-""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[2]").replace("STATUS", "'cancelled'") + """
-return 'cancelled'
+""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[2]").replace("STATUS", "CANCELLED") + """
+return CANCELLED
 """
 
 # Lua: give a running job back (worker shutting down): queued again, lease dropped.
-_RELEASE = """
+_RELEASE = _lua_prelude() + """
 if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 'done' end
-redis.call('HSET', KEYS[1], 'status', 'queued')
-redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+if redis.call('HGET', KEYS[1], 'status') ~= RUNNING then return 'done' end
+redis.call('HSET', KEYS[1], 'status', QUEUED)
+redis.call('HDEL', KEYS[1], '_lease', '_lease_expires_at')
 redis.call('ZREM', KEYS[2], ARGV[2])
 return 'ok'
 """
 
-# Lua: the janitor's pick. Running jobs whose lease expired over ARGV[1] ms ago, up to
+# Lua: the janitor's pick. Running jobs whose lease expired over ARGV[1] seconds ago, up to
 # ARGV[2] of them; each one returned is re-scored to now, so every other worker's sweep
 # skips it for another stale period (this is what makes the sweep leader-free). Members
-# that are no longer running are dropped. Returns id, requeues, lease expiry (ms) triples.
+# that are no longer running are dropped. Returns id, requeues, lease expiry triples.
 # Job keys are built here from ARGV[3] (the prefix): fine on one Redis, not on a cluster.
-_PICK_STALE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cutoff = now - tonumber(ARGV[1])
+_PICK_STALE = _lua_prelude() + """
+local t = now()
+local cutoff = t - tonumber(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {}
 for _, id in ipairs(ids) do
   local key = ARGV[3] .. id
   local st = redis.call('HGET', key, 'status')
-  local untl = tonumber(redis.call('HGET', key, '_lease_until') or '0')
-  if st ~= 'running' then
+  local untl = tonumber(redis.call('HGET', key, '_lease_expires_at') or '0')
+  if st ~= RUNNING then
     redis.call('ZREM', KEYS[1], id)
   elseif untl > cutoff then
     redis.call('ZADD', KEYS[1], untl, id)
   else
-    redis.call('ZADD', KEYS[1], now, id)
+    redis.call('ZADD', KEYS[1], t, id)
     table.insert(out, id)
     table.insert(out, redis.call('HGET', key, '_requeues') or '0')
     table.insert(out, tostring(untl))
@@ -343,34 +358,31 @@ return out
 """
 
 # Lua: the janitor's act on one stale job, only if it is still running on a lease that
-# expired over ARGV[2] ms ago (a worker may have taken it meanwhile). ARGV[1] 'requeue':
-# back to queued (the caller has already sent a new message); 'fail': failed with the error
-# ARGV[5] and the done event ARGV[6]. ARGV[3] ttl, ARGV[4] job id.
-_ABANDON = """
+# expired over ARGV[2] seconds ago (a worker may have taken it meanwhile). ARGV[1]
+# 'requeue': back to queued (the caller has already sent a new message); 'fail': failed
+# with the error ARGV[5] and the done event ARGV[6]. ARGV[3] ttl, ARGV[4] job id.
+_ABANDON = _lua_prelude() + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then redis.call('ZREM', KEYS[6], ARGV[4]) return 'missing' end
-if st ~= 'running' then return st end
-local t = redis.call('TIME')
-local nowms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_until') or '0')
-if untl > nowms - tonumber(ARGV[2]) then return 'live' end
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('HDEL', KEYS[1], '_lease', '_lease_until')
+if st ~= RUNNING then return st end
+local t = now()
+local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_expires_at') or '0')
+if untl > t - tonumber(ARGV[2]) then return 'live' end
+redis.call('HDEL', KEYS[1], '_lease', '_lease_expires_at')
 redis.call('ZREM', KEYS[6], ARGV[4])
 if ARGV[1] == 'requeue' then
-  redis.call('HSET', KEYS[1], 'status', 'queued', 'updated_at', now)
+  redis.call('HSET', KEYS[1], 'status', QUEUED, 'updated_at', t)
   return 'requeued'
 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[5], 'finished_at', now,
-  'updated_at', now)
+redis.call('HSET', KEYS[1], 'status', FAILED, 'error', ARGV[5], 'finished_at', t,
+  'updated_at', t)
 redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[4])
-""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace("STATUS", "'failed'") + """
+""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace("STATUS", "FAILED") + """
 return 'failed'
 """
-
 
 # Lua: write a batch line's job record unless it exists (it was fed before a crash);
 # returns 'created' or the status it has. ARGV: ttl, then field/value pairs.
@@ -383,19 +395,7 @@ return 'created'
 """
 
 
-def _decode_record(raw: dict[str, str]) -> dict[str, Any]:
-    record: dict[str, Any] = dict(raw)
-    for name in JSON_FIELDS:
-        if name in record:
-            record[name] = json.loads(record[name])
-    for name in FLOAT_FIELDS:
-        if name in record:
-            record[name] = float(record[name])
-    record["attempts"] = int(record.get("attempts", 0))
-    for name in ("simulated", "usage_estimated"):
-        if name in record:
-            record[name] = record[name] == "1"
-    return record
+_CANCELLED_ERROR = jobs.JobError(code="cancelled", message="cancelled by the client")
 
 
 @dataclass(frozen=True)
@@ -407,6 +407,13 @@ class StaleJob:
     """How often a janitor has put it back on the queue already."""
     lease_until: float
     """When its last lease ran out (Unix seconds)."""
+
+
+class Claim(NamedTuple):
+    """What `Store.claim` found: 'ok' with the record now held, or why not (no record)."""
+
+    state: str
+    record: jobs.JobRecord | None
 
 
 class Store:
@@ -448,34 +455,14 @@ class Store:
     # --- the API's side ---------------------------------------------------------------
 
     @translate_errors
-    async def create(self, job_id: str, owner: str, request: jobs.ChatRequest, model: str,
-                     simulated: bool, kind: str = "chat",
-                     view: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write a new queued job record; returns it. `kind` names the API that shows it
-        (chat, response), `view` holds what only that API's view needs."""
-        now = time.time()
-        fields = {
-            "id": job_id,
-            "status": jobs.Status.QUEUED.value,
-            "owner": owner,
-            "model": request.model or model,
-            "created_at": now,
-            "updated_at": now,
-            "attempts": 0,
-            "request": request.model_dump_json(exclude_none=True),
-            "simulated": "1" if simulated and not request.model else "0",
-            "kind": kind,
-        }
-        if view:
-            fields["view"] = json.dumps(view)
-        if request.metadata:
-            fields["metadata"] = json.dumps(request.metadata)
+    async def create(self, record: jobs.JobRecord) -> jobs.JobRecord:
+        """Write a new job record (see JobRecord.queued); returns it."""
         # No MULTI: a fresh id has no readers yet, and one round trip is what matters here.
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(job_key(job_id), mapping=fields)  # type: ignore[arg-type]
-            pipe.expire(job_key(job_id), self.ttl)
+            pipe.hset(job_key(record.id), mapping=record.to_redis())  # type: ignore[arg-type]
+            pipe.expire(job_key(record.id), self.ttl)
             await pipe.execute()
-        return _decode_record({k: str(v) for k, v in fields.items()})
+        return record
 
     @translate_errors
     async def create_lines(self, owner: str, batch_id: str, lines: list[dict[str, str]],
@@ -496,13 +483,13 @@ class Store:
         return [str(r) for r in replies]
 
     @translate_errors
-    async def get_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    async def get_many(self, job_ids: list[str]) -> list[jobs.JobRecord | None]:
         """Several job records in one round trip (None where missing)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(job_key(job_id))
             replies = await pipe.execute()
-        return [_decode_record(raw) if raw else None for raw in replies]
+        return [jobs.JobRecord.from_redis(raw) if raw else None for raw in replies]
 
     @translate_errors
     async def remember_idempotency(self, owner: str, key: str, fingerprint: str,
@@ -526,18 +513,19 @@ class Store:
         await self.redis.delete(*names)
 
     @translate_errors
-    async def get(self, job_id: str) -> dict[str, Any] | None:
+    async def get(self, job_id: str) -> jobs.JobRecord | None:
         """The job record, or None when unknown or expired."""
         raw = cast(dict[str, str], await self.redis.hgetall(job_key(job_id)))
-        return _decode_record(raw) if raw else None
+        return jobs.JobRecord.from_redis(raw) if raw else None
 
     @translate_errors
     async def cancel(self, job_id: str) -> str:
         """Cancel unless terminal; returns the status after the call ('missing' if none)."""
+        done = json.dumps({"status": jobs.Status.CANCELLED.value})
         return str(await self._cancel(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
                   LEASES_KEY],
-            args=[self.ttl, job_id]))
+            args=[self.ttl, job_id, _CANCELLED_ERROR.model_dump_json(), done]))
 
     @translate_errors
     async def delete(self, job_id: str) -> None:
@@ -561,16 +549,23 @@ class Store:
     # --- the worker's side -------------------------------------------------------------
 
     @translate_errors
-    async def claim(self, job_id: str, token: str, lease_seconds: float) -> str:
-        """'ok' when this worker now holds the job; else missing|leased|<terminal status>."""
-        return str(await self._claim(keys=[job_key(job_id), events_key(job_id), LEASES_KEY],
-                                     args=[token, int(lease_seconds * 1000), self.ttl, job_id]))
+    async def claim(self, job_id: str, token: str, lease_seconds: float) -> Claim:
+        """('ok', record) when this worker now holds the job; else (missing|leased|<terminal
+        status>, None)."""
+        reply = cast(list[Any], await self._claim(
+            keys=[job_key(job_id), events_key(job_id), LEASES_KEY],
+            args=[token, lease_seconds, self.ttl, job_id]))
+        if reply[0] != "ok":
+            return Claim(str(reply[0]), None)
+        flat = reply[1]
+        return Claim("ok", jobs.JobRecord.from_redis(dict(zip(flat[::2], flat[1::2],
+                                                              strict=True))))
 
     @translate_errors
     async def renew(self, job_id: str, token: str, lease_seconds: float) -> str:
         """'ok' when the lease was extended; 'cancelled', 'lost'... otherwise."""
         return str(await self._renew(keys=[job_key(job_id), LEASES_KEY],
-                                     args=[token, int(lease_seconds * 1000), job_id]))
+                                     args=[token, lease_seconds, job_id]))
 
     @translate_errors
     async def release(self, job_id: str, token: str) -> str:
@@ -593,40 +588,13 @@ class Store:
         await self.redis.xadd(events_key(job_id), {"type": "delta", "data": data})
 
     @translate_errors
-    async def finish(self, job_id: str, token: str, status: jobs.Status, *, answer: str = "",
-                     error: dict[str, str] | None = None, usage: dict[str, int] | None = None,
-                     model: str = "", model_seconds: float | None = None,
-                     finish_reason: str | None = None, usage_estimated: bool = False,
-                     attempt_errors: list[dict[str, Any]] | None = None) -> str:
-        """Write the outcome once; 'ok', or why not (lost lease, already terminal...).
-
-        `finish_reason` is the model's own (`length`: cut by max_tokens or the context);
-        `usage_estimated` says chatq counted the usage itself; `attempt_errors` says what
-        each failed model attempt was."""
-        fields: dict[str, str] = {"status": status.value}
-        if finish_reason:
-            fields["finish_reason"] = finish_reason
-        if usage_estimated:
-            fields["usage_estimated"] = "1"
-        if attempt_errors:
-            fields["attempt_errors"] = json.dumps(attempt_errors)
-        if model_seconds is not None:
-            fields["_model_seconds"] = f"{model_seconds:.6f}"
-        if answer:
-            fields["answer"] = answer
-        if error:
-            fields["error"] = json.dumps(error)
-        if usage:
-            fields["usage"] = json.dumps(usage)
-        if model:
-            fields["model"] = model
-        done = {"status": status.value, "answer": answer or None, "error": error, "usage": usage,
-                "finish_reason": finish_reason or None}
-        flat = [x for pair in fields.items() for x in pair]
+    async def finish(self, job_id: str, token: str, outcome: jobs.Outcome) -> str:
+        """Write the outcome once; 'ok', or why not (lost lease, already terminal...)."""
+        flat = [x for pair in outcome.to_redis().items() for x in pair]
         return str(await self._finish(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
                   LEASES_KEY, BATCH_PREFIX],
-            args=[token, self.ttl, json.dumps(done), job_id, *flat]))
+            args=[token, self.ttl, json.dumps(outcome.done_event()), job_id, *flat]))
 
     # --- the janitor's side ------------------------------------------------------------
 
@@ -635,8 +603,8 @@ class Store:
         """Running jobs whose lease expired over stale_seconds ago; each is this caller's to
         act on until another stale period has passed."""
         flat = cast(list[str], await self._pick_stale(
-            keys=[LEASES_KEY], args=[int(stale_seconds * 1000), limit, JOB_PREFIX]))
-        return [StaleJob(flat[i], int(flat[i + 1]), int(flat[i + 2]) / 1000)
+            keys=[LEASES_KEY], args=[stale_seconds, limit, JOB_PREFIX]))
+        return [StaleJob(flat[i], int(flat[i + 1]), float(flat[i + 2]))
                 for i in range(0, len(flat), 3)]
 
     @translate_errors
@@ -647,15 +615,15 @@ class Store:
 
     @translate_errors
     async def abandon(self, job_id: str, stale_seconds: float, action: str,
-                      error: dict[str, str] | None = None) -> str:
+                      error: jobs.JobError | None = None) -> str:
         """Requeue or fail a stale running job: 'requeued'|'failed', or why not ('live' when
         a worker renewed or took it meanwhile, or the status it has)."""
-        error = error or {"code": "abandoned", "message": "no worker finished the job"}
-        done = {"status": jobs.Status.FAILED.value, "answer": None, "error": error, "usage": None}
+        error = error or jobs.JobError(code="abandoned", message="no worker finished the job")
+        done = jobs.Outcome(status=jobs.Status.FAILED, error=error).done_event()
         return str(await self._abandon(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
                   LEASES_KEY],
-            args=[action, int(stale_seconds * 1000), self.ttl, job_id, json.dumps(error),
+            args=[action, stale_seconds, self.ttl, job_id, error.model_dump_json(),
                   json.dumps(done)]))
 
     @translate_errors

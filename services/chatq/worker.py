@@ -308,8 +308,8 @@ class Worker:
         job_id = message.job_id
         job_budget = await self._wait_for_budget(delivery, job_id)
         token = f"{self.id}:{uuid.uuid4().hex[:12]}"
-        state = await self.store.claim(job_id, token, self.lease)
-        if state != "ok":
+        state, record = await self.store.claim(job_id, token, self.lease)
+        if record is None:
             self._skip(job_id, state)
             if job_budget is not None:
                 await job_budget.give_back()
@@ -320,17 +320,13 @@ class Worker:
             await self.store.note_budget_wait(job_id, job_budget.waited)
         claimed_at = time.time()
         metrics.queue_wait.observe(max(0.0, claimed_at - message.enqueued_at))
-        record = await self.store.get(job_id)
-        if record is None:
-            await self._queue_of(delivery).ack(delivery)
-            return
         if delivery.receive_count > self.settings.queue.max_receives:
             await self._fail(delivery, job_id, token, errors.PermanentError(
                 f"delivered {delivery.receive_count} times without finishing",
                 code="too_many_deliveries"))
             return
         try:
-            request = jobs.ChatRequest.model_validate(record.get("request") or {})
+            request = jobs.ChatRequest.model_validate(record.request or {})
         except ValueError:
             await self._fail(delivery, job_id, token, errors.PermanentError(
                 "the job's request is unreadable", code="bad_request_record"))
@@ -340,13 +336,13 @@ class Worker:
                 f"the model is down ({self.breaker.current.last_error})"))
             return
         usage = await self._call_model(delivery, message, job_id, token, request,
-                                       record["attempts"], job_budget)
+                                       record.attempts, job_budget)
         if usage and "total_tokens" in usage:
             # The key's day quota reserved the job's cost at the api: count real usage instead.
             delta = usage["total_tokens"] - budget.job_cost(request, self.settings)
             with contextlib.suppress(errors.ChatqError):
-                await quotas.correct(self.store.redis, str(record.get("owner", "")),
-                                     float(record.get("created_at") or time.time()), delta)
+                await quotas.correct(self.store.redis, record.owner,
+                                     record.created_at or time.time(), delta)
 
     async def _wait_for_budget(self, delivery: Delivery, job_id: str) -> budget.JobBudget | None:
         """Take the first call's budget while the job is still `queued`, renewing the
@@ -354,14 +350,14 @@ class Worker:
         if self.budgets is None:
             return None
         record = await self.store.get(job_id)
-        if record is None or record.get("status") != jobs.Status.QUEUED.value:
+        if record is None or record.status != jobs.Status.QUEUED:
             return None  # claim() says what to do with it
         try:
-            request = jobs.ChatRequest.model_validate(record.get("request") or {})
+            request = jobs.ChatRequest.model_validate(record.request or {})
         except ValueError:
             return None
-        job_budget = self.budgets.for_job(request, str(record.get("owner", "")),
-                                          budget.priority_of(record))
+        job_budget = self.budgets.for_job(request, record.owner,
+                                          budget.priority_of(record.model_dump()))
         keep = asyncio.create_task(self._keep_message(delivery))
         me = asyncio.current_task()
         assert me is not None
@@ -416,12 +412,11 @@ class Worker:
         finally:
             beat.cancel()
         with telemetry.span("chatq.result.write", **{"chatq.job.status": "succeeded"}):
-            state = await self.store.finish(job_id, token, jobs.Status.SUCCEEDED, answer=answer.text,
-                                            usage=answer.usage, model=answer.model,
-                                            model_seconds=answer.model_seconds,
-                                            finish_reason=answer.finish_reason,
-                                            usage_estimated=answer.usage_estimated,
-                                            attempt_errors=sink.attempt_errors)
+            state = await self.store.finish(job_id, token, jobs.Outcome(
+                status=jobs.Status.SUCCEEDED, answer=answer.text or None, usage=answer.usage or None,
+                model=answer.model or None, model_seconds=answer.model_seconds,
+                finish_reason=answer.finish_reason or None, usage_estimated=answer.usage_estimated,
+                attempt_errors=sink.attempt_errors or None))
         if state == "ok":
             metrics.jobs_finished.labels("succeeded", "ok").inc()
             metrics.job_overhead.observe(
@@ -466,9 +461,10 @@ class Worker:
         # What the model streamed before a failure that is not retried stays visible.
         partial = getattr(exc, "partial", "") if isinstance(exc, errors.PermanentError) else ""
         with telemetry.span("chatq.result.write", **{"chatq.job.status": "failed"}):
-            state = await self.store.finish(job_id, token, jobs.Status.FAILED, answer=partial,
-                                            error={"code": code, "message": str(exc)},
-                                            attempt_errors=attempt_errors)
+            state = await self.store.finish(job_id, token, jobs.Outcome(
+                status=jobs.Status.FAILED, answer=partial or None,
+                error=jobs.JobError(code=code, message=str(exc)),
+                attempt_errors=attempt_errors or None))
         log.warning("job %s failed: %s (%s)", job_id, exc, code, extra={"error_code": code})
         if state == "ok":
             metrics.jobs_finished.labels("failed", code).inc()

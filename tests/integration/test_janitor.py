@@ -68,41 +68,44 @@ async def test_sweep_requeues_then_fails_once_whoever_sweeps(
     sweepers = [janitor.Janitor(settings.worker, store, queue) for _ in range(3)]
     try:
         job_id = jobs.new_job_id()
-        await store.create(job_id, "open", jobs.ChatRequest(message="x"), "m", True)
-        assert await store.claim(job_id, "gone:1", 0.1) == "ok"
+        await store.create(jobs.JobRecord.queued(job_id, "open", jobs.ChatRequest(message="x"), "m", True))
+        assert (await store.claim(job_id, "gone:1", 0.1)).state == "ok"
         await asyncio.sleep(0.6)
 
         # Three workers sweep at once: one of them requeues it, with one new message.
         reports = await asyncio.gather(*(s.sweep() for s in sweepers))
         assert sum(r.requeued for r in reports) == 1 and sum(r.failed for r in reports) == 0
         record = await store.get(job_id)
-        assert record is not None and record["status"] == "queued"
+        assert record is not None and record.status == "queued"
         [delivery] = await queue.receive(10, 1)
         assert jobs.decode_message(delivery.body).job_id == job_id
         assert await queue.receive(10, 0) == []
         assert [await s.sweep() for s in sweepers] == [janitor.SweepReport()] * 3
 
         # Its next worker vanishes too: requeued once already, so now it fails.
-        assert await store.claim(job_id, "gone:2", 0.1) == "ok"
+        assert (await store.claim(job_id, "gone:2", 0.1)).state == "ok"
         await asyncio.sleep(0.6)
         reports = await asyncio.gather(*(s.sweep() for s in sweepers))
         assert sum(r.failed for r in reports) == 1 and sum(r.requeued for r in reports) == 0
         record = await store.get(job_id)
-        assert record is not None and record["status"] == "failed"
-        assert record["error"]["code"] == "abandoned" and "answer" not in record
+        assert record is not None and record.status == "failed"
+        assert record.error is not None and record.error.code == "abandoned"
+        assert record.answer is None
         events = await store.read_events(job_id, "0-0", 0)
         assert [e["type"] for _, e in events].count("done") == 1
         assert await store.redis.ttl(results.job_key(job_id)) > 0
         # A late answer from the vanished worker is refused: one outcome only.
-        assert await store.finish(job_id, "gone:2", jobs.Status.SUCCEEDED, answer="late") == "failed"
+        assert await store.finish(job_id, "gone:2", jobs.Outcome(status=jobs.Status.SUCCEEDED,
+                                                               answer="late")) == "failed"
 
         # A job on a live lease is left alone, and leaves the index when it finishes.
         live = jobs.new_job_id()
-        await store.create(live, "open", jobs.ChatRequest(message="y"), "m", True)
-        assert await store.claim(live, "alive:1", 30) == "ok"
+        await store.create(jobs.JobRecord.queued(live, "open", jobs.ChatRequest(message="y"), "m", True))
+        assert (await store.claim(live, "alive:1", 30)).state == "ok"
         assert await sweepers[0].sweep() == janitor.SweepReport()
         assert await store.redis.zrange(results.LEASES_KEY, 0, -1) == [live]
-        assert await store.finish(live, "alive:1", jobs.Status.SUCCEEDED, answer="a") == "ok"
+        assert await store.finish(live, "alive:1", jobs.Outcome(status=jobs.Status.SUCCEEDED,
+                                                             answer="a")) == "ok"
         assert await store.redis.zcard(results.LEASES_KEY) == 0
     finally:
         await queue.close()
@@ -119,7 +122,7 @@ def test_running_job_whose_message_is_gone_gets_answered(
         async def die_after_claim(_: settings_mod.Settings, store: results.Store,
                                   queue: queues.Queue) -> None:
             delivery = await receive_one(queue)
-            assert await store.claim(job_id, "dying:1", 1) == "ok"
+            assert (await store.claim(job_id, "dying:1", 1)).state == "ok"
             await queue.ack(delivery)  # the message is lost; the record still says running
 
         with_parts(monkeypatch, stack.env, die_after_claim)
@@ -145,12 +148,12 @@ def test_sqs_worker_killed_inside_the_dead_letter_step(
         async def two_deaths(_: settings_mod.Settings, store: results.Store,
                              queue: queues.Queue) -> int:
             first = await receive_one(queue)  # a worker killed mid-job
-            assert await store.claim(job_id, "killed:1", 0.5) == "ok"
+            assert (await store.claim(job_id, "killed:1", 0.5)).state == "ok"
             await queue.release(first)
             await asyncio.sleep(0.6)
             second = await receive_one(queue)  # over max_receives: the dead-letter step
             assert second.receive_count == 2
-            assert await store.claim(job_id, "killed:2", 0.5) == "ok"
+            assert (await store.claim(job_id, "killed:2", 0.5)).state == "ok"
             await queue.release(second)  # ...and killed before writing `failed`
             return second.receive_count
 

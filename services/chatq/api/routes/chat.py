@@ -8,7 +8,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response
@@ -30,21 +29,16 @@ WAIT_RECHECK_SECONDS = 1.0
 SSE_KEEPALIVE_MS = 15_000
 
 
-class JobCreated(BaseModel):
+class JobCreated(jobs.PublicView):
     """The answer to POST /v1/chat."""
 
     id: str
     status: jobs.Status
-    created_at: str
+    created_at: jobs.IsoTime
 
 
-class JobError(BaseModel):
-    code: str
-    message: str
-
-
-class Job(BaseModel):
-    """A job as GET /v1/chat/{id} shows it."""
+class Job(jobs.PublicView):
+    """A job as GET /v1/chat/{id} shows it: the public fields of its JobRecord."""
 
     id: str
     status: jobs.Status
@@ -52,45 +46,28 @@ class Job(BaseModel):
     answer: str | None = None
     finish_reason: str | None = None
     """Why the model stopped: `stop`, or `length` when cut by max_tokens or the context."""
-    error: JobError | None = None
-    usage: dict[str, int] | None = None
     usage_estimated: bool = False
     """True when the server sent no usage and chatq counted the tokens itself."""
-    attempts: int = 0
     attempt_errors: list[dict[str, Any]] | None = None
     """What each failed model attempt was: attempt, code, message."""
+    budget_wait_seconds: float | None = None
+    """Seconds the job waited, still queued, for the model's shared rate budget."""
+    error: jobs.JobError | None = None
+    usage: dict[str, int] | None = None
+    attempts: int = 0
     simulated: bool = False
     """True when llmsim, not a real model, wrote the answer."""
     metadata: dict[str, str] | None = None
-    created_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    updated_at: str | None = None
-    budget_wait_seconds: float | None = None
-    """Seconds the job waited, still queued, for the model's shared rate budget."""
+    created_at: jobs.IsoTime = None
+    started_at: jobs.IsoTime = None
+    finished_at: jobs.IsoTime = None
+    updated_at: jobs.IsoTime = None
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-
-
-def public_job(record: dict[str, Any]) -> dict[str, Any]:
-    """The client's view of a job record."""
-    out = {k: record.get(k) for k in ("id", "status", "model", "answer", "error", "usage",
-                                      "metadata", "finish_reason", "attempt_errors")}
-    out["usage_estimated"] = bool(record.get("usage_estimated", False))
-    out["attempts"] = record.get("attempts", 0)
-    out["simulated"] = bool(record.get("simulated", False))
-    for name in ("created_at", "started_at", "finished_at", "updated_at"):
-        out[name] = _iso(record.get(name))
-    out["budget_wait_seconds"] = record.get("budget_wait_seconds")
-    return out
-
-
-async def load_owned(store: results.Store, job_id: str, owner: str) -> dict[str, Any]:
+async def load_owned(store: results.Store, job_id: str, owner: str) -> jobs.JobRecord:
     """The record, or 404 when unknown, expired or another key's (no existence leak)."""
     record = await store.get(job_id) if re.fullmatch(r"[0-9a-f]{1,64}", job_id) else None
-    if record is None or record.get("owner") != owner:
+    if record is None or record.owner != owner:
         raise api_error(404, "not_found", f"no job {job_id!r}")
     return record
 
@@ -101,7 +78,7 @@ async def load_owned(store: results.Store, job_id: str, owner: str) -> dict[str,
 async def create_chat(
     body: jobs.ChatRequest, response: Response, owner: OwnerDep, svc: ServicesDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
-) -> dict[str, Any]:
+) -> JobCreated:
     job_id = jobs.new_job_id()
     settings = svc.settings
     if idempotency_key is not None:
@@ -111,11 +88,11 @@ async def create_chat(
             return await _replay(svc, response, owner, idempotency_key, body, *earlier)
     if svc.quotas is not None:
         await _admit(svc, svc.quotas, owner, body, response, job_id, idempotency_key or "")
-    record = await svc.store.create(job_id, owner, body, settings.llm_model,
-                                    settings.uses_simulator)
+    record = await svc.store.create(jobs.JobRecord.queued(job_id, owner, body, settings.llm_model,
+                                                          settings.uses_simulator))
     await enqueue(svc, job_id, owner, idempotency_key or "")
     response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
-    return {"id": job_id, "status": record["status"], "created_at": _iso(record["created_at"])}
+    return JobCreated.of(record)
 
 
 async def _admit(svc: Services, limits: quotas.Quotas, owner: str, body: jobs.ChatRequest,
@@ -132,14 +109,14 @@ async def _admit(svc: Services, limits: quotas.Quotas, owner: str, body: jobs.Ch
 
 
 async def _replay(svc: Services, response: Response, owner: str, key: str,
-                  body: jobs.ChatRequest, earlier_fp: str, earlier_id: str) -> dict[str, Any]:
+                  body: jobs.ChatRequest, earlier_fp: str, earlier_id: str) -> JobCreated:
     if earlier_fp != jobs.fingerprint(body):
         raise api_error(409, "idempotency_conflict",
                         f"Idempotency-Key {key!r} was used with a different request body")
     record = await load_owned(svc.store, earlier_id, owner)
     response.headers["Location"] = f"{svc.settings.api.public_url}/v1/chat/{earlier_id}"
     response.headers["Idempotent-Replayed"] = "true"
-    return {"id": earlier_id, "status": record["status"], "created_at": _iso(record["created_at"])}
+    return JobCreated.of(record)
 
 
 async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") -> None:
@@ -167,20 +144,20 @@ async def get_chat(
     job_id: JobId, owner: OwnerDep, svc: ServicesDep,
     wait: Annotated[float, Query(ge=0, le=3600, description=(
         "Seconds to wait for the job to finish (bounded by CHATQ_API_MAX_WAIT_SECONDS)."))] = 0,
-) -> dict[str, Any]:
+) -> Job:
     record = await load_owned(svc.store, job_id, owner)
     wait = min(wait, svc.settings.api.max_wait_seconds)
-    if wait > 0 and not jobs.Status(record["status"]).terminal:
+    if wait > 0 and not record.status.terminal:
         record = await wait_terminal(svc, job_id, record, wait)
-    return public_job(record)
+    return Job.of(record)
 
 
-async def wait_terminal(svc: Services, job_id: str, record: dict[str, Any],
-                        wait: float) -> dict[str, Any]:
+async def wait_terminal(svc: Services, job_id: str, record: jobs.JobRecord,
+                        wait: float) -> jobs.JobRecord:
     """The record once terminal, or as it stands after `wait` seconds."""
     deadline = time.monotonic() + wait
     async with svc.waiter.watch(job_id) as done:
-        while not jobs.Status(record["status"]).terminal:
+        while not record.status.terminal:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -214,9 +191,10 @@ async def _event_stream(store: results.Store, job_id: str, after: str) -> AsyncI
         items = await store.read_events(job_id, after, block_ms=block)
         if not items:
             record = await store.get(job_id)
-            if record is None or jobs.Status(record["status"]).terminal:
+            if record is None or record.status.terminal:
                 # Already past the end (or gone): close with the outcome.
-                final = public_job(record) if record else {"id": job_id, "status": "expired"}
+                final = (Job.of(record).model_dump(mode="json") if record
+                         else {"id": job_id, "status": "expired"})
                 yield f"event: done\ndata: {json.dumps(final)}\n\n".encode()
                 return
             if block:
@@ -232,7 +210,7 @@ async def _event_stream(store: results.Store, job_id: str, after: str) -> AsyncI
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")
-async def cancel_chat(job_id: JobId, owner: OwnerDep, svc: ServicesDep) -> dict[str, Any]:
+async def cancel_chat(job_id: JobId, owner: OwnerDep, svc: ServicesDep) -> Job:
     store = svc.store
     await load_owned(store, job_id, owner)
     state = await store.cancel(job_id)
@@ -241,7 +219,7 @@ async def cancel_chat(job_id: JobId, owner: OwnerDep, svc: ServicesDep) -> dict[
     record = await load_owned(store, job_id, owner)
     if state != jobs.Status.CANCELLED.value:
         raise api_error(409, "not_cancellable", f"the job has already {state}")
-    return public_job(record)
+    return Job.of(record)
 
 
 # The seed designs' names, kept working.
@@ -268,5 +246,5 @@ seed.add_api_route("/question", create_chat, methods=["POST"], status_code=202,
 
 
 @seed.post("/answer", response_model=Job, summary="The answer by job id (as GET /v1/chat/{id})")
-async def post_answer(body: AnswerRequest, owner: OwnerDep, svc: ServicesDep) -> dict[str, Any]:
+async def post_answer(body: AnswerRequest, owner: OwnerDep, svc: ServicesDep) -> Job:
     return await get_chat(body.id, owner, svc, wait=body.wait)

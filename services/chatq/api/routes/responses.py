@@ -27,13 +27,13 @@ SSE_KEEPALIVE_MS = 15_000
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _load(store: results.Store, response_id: str, owner: str) -> dict[str, Any]:
+async def _load(store: results.Store, response_id: str, owner: str) -> jobs.JobRecord:
     """The record behind a response id; 404 when unknown, expired, another key's, a chat job,
     or created with store=false."""
     job_id = views.job_id_of(response_id)
     record = await store.get(job_id) if job_id else None
-    if (record is None or record.get("owner") != owner or record.get("kind") != views.KIND
-            or not (record.get("view") or {}).get("store", True)):
+    if (record is None or record.owner != owner or record.kind != views.KIND
+            or not (record.view or {}).get("store", True)):
         raise not_found("response", response_id)
     return record
 
@@ -56,18 +56,18 @@ async def create_response(body: views.ResponseCreate, owner: OwnerDep,
         raise OpenAIError(400, str(exc), param="input", code="invalid_input") from None
     job_id = jobs.new_job_id()
     settings = svc.settings
-    record = await svc.store.create(job_id, owner, request, settings.llm_model,
-                                    settings.uses_simulator, kind=views.KIND,
-                                    view={"background": body.background, "store": body.store})
+    record = await svc.store.create(jobs.JobRecord.queued(
+        job_id, owner, request, settings.llm_model, settings.uses_simulator, kind=views.KIND,
+        view={"background": body.background, "store": body.store}))
     await chat.enqueue(svc, job_id, owner)
     if body.stream:
         return StreamingResponse(_stream(svc, record, -1, forget=not body.store),
                                  media_type="text/event-stream", headers=_SSE_HEADERS)
     if not body.background:
         record = await chat.wait_terminal(svc, job_id, record, settings.api.response_wait_seconds)
-        if not body.store and jobs.Status(record["status"]).terminal:
+        if not body.store and record.status.terminal:
             await svc.store.delete(job_id)
-    return JSONResponse(views.view(record))
+    return JSONResponse(views.view(record.model_dump()))
 
 
 @router.get("/{response_id}", summary="A response; `stream=true` replays and follows its events",
@@ -82,7 +82,7 @@ async def get_response(
     if stream:
         return StreamingResponse(_stream(svc, record, starting_after), headers=_SSE_HEADERS,
                                  media_type="text/event-stream")
-    return JSONResponse(views.view(record))
+    return JSONResponse(views.view(record.model_dump()))
 
 
 @router.post("/{response_id}/cancel", summary="Cancel a queued or in-progress response")
@@ -91,16 +91,16 @@ async def cancel_response(response_id: ResponseId, owner: OwnerDep,
     """Idempotent: a response that has already finished (completed, failed, incomplete or
     cancelled) comes back unchanged, with its own status."""
     record = await _load(svc.store, response_id, owner)
-    await svc.store.cancel(str(record["id"]))
-    return JSONResponse(views.view(await _load(svc.store, response_id, owner)))
+    await svc.store.cancel(record.id)
+    return JSONResponse(views.view((await _load(svc.store, response_id, owner)).model_dump()))
 
 
 @router.delete("/{response_id}", summary="Delete a response (cancelling it if unfinished)")
 async def delete_response(response_id: ResponseId, owner: OwnerDep,
                           svc: ServicesDep) -> JSONResponse:
     record = await _load(svc.store, response_id, owner)
-    await svc.store.delete(str(record["id"]))
-    return JSONResponse(views.deleted(str(record["id"])))
+    await svc.store.delete(record.id)
+    return JSONResponse(views.deleted(record.id))
 
 
 def _sse(event: dict[str, Any]) -> bytes:
@@ -119,10 +119,10 @@ async def _job_events(store: results.Store, job_id: str
             current = await store.get(job_id)
             if current is None:
                 return  # deleted or expired: nothing more will come
-            if jobs.Status(current["status"]).terminal:
+            if current.status.terminal:
                 # The done event is written with the outcome, so it was trimmed with an
                 # expired stream: close with the outcome anyway.
-                yield "done", {}, current
+                yield "done", {}, current.model_dump()
                 return
             if block:
                 yield "", {}, None
@@ -132,16 +132,17 @@ async def _job_events(store: results.Store, job_id: str
             after = event_id
             kind = fields.get("type", "")
             final = await store.get(job_id) if kind == "done" else None
-            yield kind, json.loads(fields.get("data") or "{}"), final
+            yield kind, json.loads(fields.get("data") or "{}"), final.model_dump() if final else None
             if kind == "done":
                 return
 
 
-async def _stream(svc: Services, record: dict[str, Any], starting_after: int,
+async def _stream(svc: Services, record: jobs.JobRecord, starting_after: int,
                   forget: bool = False) -> AsyncIterator[bytes]:
     """Every event of the response from the start, numbered, sent after `starting_after`."""
-    job_id = str(record["id"])
-    mapper = views.EventMapper(record)
+    job_id = record.id
+    # The Responses views read records as mappings (their unit tests build them by hand).
+    mapper = views.EventMapper(record.model_dump())
     try:
         for event in mapper.opening():
             if event["sequence_number"] > starting_after:
