@@ -168,4 +168,4 @@ def test_the_public_view_renders_times_as_iso_and_hides_private_fields() -> None
 def test_outcome_done_event() -> None:
     outcome = jobs.Outcome(status=jobs.Status.SUCCEEDED, answer="hi", model_seconds=1.0)
     assert outcome.done_event() == {"status": "succeeded", "answer": "hi", "error": None,
-                                    "usage": None}
+                                    "usage": None, "finish_reason": None}
