@@ -67,7 +67,7 @@ async def preload(env: dict[str, str], owners: list[tuple[str, int]]) -> None:
     try:
         for start in range(0, len(order), 200):
             chunk = [(jobs.new_job_id(), o) for o in order[start:start + 200]]
-            await asyncio.gather(*(store.create(i, o, request, "chatq-sim-1", True)
+            await asyncio.gather(*(store.create(jobs.JobRecord.queued(i, o, request, "chatq-sim-1", True))
                                    for i, o in chunk))
             for i, _ in chunk:  # in order: the queue's order is the arrival order
                 await queue.send(jobs.encode_message(i), {})
