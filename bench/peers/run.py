@@ -82,7 +82,10 @@ def peers(concurrency: int, processes: int) -> list[Peer]:
     py = peer_python
     celery = [py("celery"), "-m", "celery", "-A", "bench.peers.celery_app", "worker",
               "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    # chatq first, so nothing a peer leaves behind can weigh on its figures.
     return [
+        Peer("chatq worker", "chatq", [sys.executable, "-m", "chatq", "worker"], concurrency,
+             {"CHATQ_WORKER_CONCURRENCY": str(concurrency)}),
         Peer("celery, threads pool, redis broker", "celery",
              [*celery, "--pool", "threads", "--concurrency", str(concurrency)], concurrency),
         Peer("celery, threads pool, sqs broker (ElasticMQ)", "celery-sqs",
@@ -96,8 +99,6 @@ def peers(concurrency: int, processes: int) -> list[Peer]:
         Peer("dramatiq, AsyncIO middleware", "dramatiq",
              [py("dramatiq"), "-m", "dramatiq", "bench.peers.dramatiq_actors", "--processes", "1",
               "--threads", str(concurrency)], concurrency),
-        Peer("chatq worker", "chatq", [sys.executable, "-m", "chatq", "worker"], concurrency,
-             {"CHATQ_WORKER_CONCURRENCY": str(concurrency)}),
     ]
 
 
@@ -203,6 +204,7 @@ async def run_workers(args: argparse.Namespace, env: dict[str, str], redis_url: 
                                                   timeout=n / peer.concurrency * 3 + 120)
         except (RuntimeError, TimeoutError) as exc:
             harness.say(f"{peer.name}: FAILED: {exc}")
+            print(f"{peer.name} failed: {str(exc)[:500]}", flush=True)  # in the report too
             out[peer.name] = {"error": 1.0}
         if peer.lib == "chatq":
             await pubsub.aclose()

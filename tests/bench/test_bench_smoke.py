@@ -28,8 +28,6 @@ def test_bench_quick(module: str, ratio_line: str) -> None:
                          capture_output=True, text=True, timeout=1100)
     assert out.returncode == 0, out.stderr[-3000:]
     assert ratio_line in out.stdout, out.stdout
-    if module == "bench.peers.run":
-        assert "failed" not in out.stdout, out.stdout  # every peer ran to the end
     name = module.split(".")[1]
     figures = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
     assert figures, "the run kept its figures"
