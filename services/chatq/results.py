@@ -240,7 +240,8 @@ end
 """.replace("EVENTS_MAXLEN", str(WEBHOOK_EVENTS_MAXLEN))
 
 # Lua: take the job if it is not terminal and no live lease holds it. ARGV: token, lease
-# seconds, ttl, job id. Returns {'ok', <HGETALL>} or {why not}.
+# seconds, ttl, job id. Returns {'ok', <HGETALL>}, {'leased', seconds the lease has left}
+# or {why not}.
 _CLAIM = _lua_prelude() + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {'missing'} end
@@ -248,7 +249,7 @@ if TERMINAL[st] then return {st} end
 local t = now()
 local holder = redis.call('HGET', KEYS[1], '_lease')
 local untl = tonumber(redis.call('HGET', KEYS[1], '_lease_expires_at') or '0')
-if holder and holder ~= '' and holder ~= ARGV[1] and untl > t then return {'leased'} end
+if holder and holder ~= '' and holder ~= ARGV[1] and untl > t then return {'leased', tostring(untl - t)} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', RUNNING, '_lease', ARGV[1],
   '_lease_expires_at', t + tonumber(ARGV[2]), 'updated_at', t)
@@ -410,10 +411,13 @@ class StaleJob:
 
 
 class Claim(NamedTuple):
-    """What `Store.claim` found: 'ok' with the record now held, or why not (no record)."""
+    """What `Store.claim` found: 'ok' with the record now held, or why not (no record).
+
+    `lease_left` is how long another worker's live lease still runs (state 'leased')."""
 
     state: str
     record: jobs.JobRecord | None
+    lease_left: float = 0.0
 
 
 class Store:
@@ -555,6 +559,8 @@ class Store:
         reply = cast(list[Any], await self._claim(
             keys=[job_key(job_id), events_key(job_id), LEASES_KEY],
             args=[token, lease_seconds, self.ttl, job_id]))
+        if reply[0] == "leased":
+            return Claim("leased", None, float(reply[1]))
         if reply[0] != "ok":
             return Claim(str(reply[0]), None)
         flat = reply[1]

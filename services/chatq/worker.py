@@ -308,12 +308,18 @@ class Worker:
         job_id = message.job_id
         job_budget = await self._wait_for_budget(delivery, job_id)
         token = f"{self.id}:{uuid.uuid4().hex[:12]}"
-        state, record = await self.store.claim(job_id, token, self.lease)
+        state, record, lease_left = await self.store.claim(job_id, token, self.lease)
         if record is None:
             self._skip(job_id, state)
             if job_budget is not None:
                 await job_budget.give_back()
-            if state != "leased":  # terminal or gone: nothing left to do for this message
+            if state == "leased":
+                # Back when the holder's lease runs out, not a whole visibility later: if
+                # the holder is dead, the next receive takes the job over (or fails it
+                # for too many deliveries) at once.
+                with contextlib.suppress(errors.ChatqError):
+                    await self._queue_of(delivery).release(delivery, delay=lease_left + 0.5)
+            else:  # terminal or gone: nothing left to do for this message
                 await self._queue_of(delivery).ack(delivery)
             return
         if job_budget is not None and job_budget.waited:

@@ -93,11 +93,16 @@ def test_one_questions_trace_metrics_and_logs_arrive(observed: tuple[Stack, dict
     # Traces: Jaeger finds the job's trace by its id, with the api's and the worker's spans.
     query = urllib.parse.urlencode({"service": "chatq-worker", "tags": json.dumps({"chatq.job.id": job_id}),
                                     "lookback": "1h", "limit": "5"})
+    def services(d: list[dict[str, Any]]) -> set[str]:
+        return {p["serviceName"] for t in d for p in t["processes"].values()}
+
+    # Each process exports its spans in its own batches, so the worker's can land first:
+    # wait for the api's part of the same trace too.
     traces = poll(lambda: get_json(f"http://127.0.0.1:{ports['traces']}/api/traces?{query}")["data"],
-                  lambda d: len(d) == 1, f"job {job_id}'s trace in the lgtm container's Jaeger")
+                  lambda d: len(d) == 1 and services(d) >= {"chatq-api", "chatq-worker"},
+                  f"job {job_id}'s trace, with the api's and the worker's spans, in the lgtm "
+                  "container's Jaeger")
     trace_id = traces[0]["traceID"]
-    services = {p["serviceName"] for p in traces[0]["processes"].values()}
-    assert {"chatq-api", "chatq-worker"} <= services, services
 
     # Logs: the job's lines by job_id carry that trace id; by trace id, the same job.
     def logsql(q: str) -> list[dict[str, Any]]:

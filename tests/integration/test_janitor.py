@@ -17,6 +17,7 @@ from typing import TypeVar
 import pytest
 from chatq import janitor, jobs, queues, results
 from chatq import settings as settings_mod
+from chatq.queues import sqs
 
 from tests import servers
 from tests.conftest import BACKENDS, StackFactory
@@ -102,6 +103,10 @@ async def test_sweep_requeues_then_fails_once_whoever_sweeps(
         live = jobs.new_job_id()
         await store.create(jobs.JobRecord.queued(live, "open", jobs.ChatRequest(message="y"), "m", True))
         assert (await store.claim(live, "alive:1", 30)).state == "ok"
+        # Another worker is told how long the live lease has left (it hands the message
+        # back for that long).
+        taken = await store.claim(live, "other:1", 30)
+        assert taken.state == "leased" and taken.record is None and 28 < taken.lease_left <= 30
         assert await sweepers[0].sweep() == janitor.SweepReport()
         assert await store.redis.zrange(results.LEASES_KEY, 0, -1) == [live]
         assert await store.finish(live, "alive:1", jobs.Outcome(status=jobs.Status.SUCCEEDED,
@@ -139,25 +144,26 @@ def test_sqs_worker_killed_inside_the_dead_letter_step(
         stack_factory: StackFactory, monkeypatch: pytest.MonkeyPatch, requeues: str,
         outcome: str) -> None:
     """SQS's redrive policy takes the message after the worker that was to dead-letter it
-    died between its claim and its failure write: before the janitor, `running` for ever."""
+    on its last receive died between its claim and its failure write: before the janitor,
+    `running` for ever."""
     stack = stack_factory("sqs", workers=0, CHATQ_QUEUE_MAX_RECEIVES="1",
                           CHATQ_WORKER_JANITOR_REQUEUES=requeues, **FAST_JANITOR)
     with stack.client() as http:
         job_id = ask(http, "poison")
 
-        async def two_deaths(_: settings_mod.Settings, store: results.Store,
-                             queue: queues.Queue) -> int:
-            first = await receive_one(queue)  # a worker killed mid-job
-            assert (await store.claim(job_id, "killed:1", 0.5)).state == "ok"
-            await queue.release(first)
-            await asyncio.sleep(0.6)
-            second = await receive_one(queue)  # over max_receives: the dead-letter step
-            assert second.receive_count == 2
-            assert (await store.claim(job_id, "killed:2", 0.5)).state == "ok"
-            await queue.release(second)  # ...and killed before writing `failed`
-            return second.receive_count
+        async def deaths(_: settings_mod.Settings, store: results.Store,
+                         queue: queues.Queue) -> int:
+            # A worker killed mid-job, then one killed in each dead-letter step, up to the
+            # last receive the redrive policy allows.
+            for receive in range(1, 1 + sqs.REDRIVE_SLACK + 1):
+                delivery = await receive_one(queue)
+                assert delivery.receive_count == receive
+                assert (await store.claim(job_id, f"killed:{receive}", 0.5)).state == "ok"
+                await queue.release(delivery)  # ...killed before writing anything
+                await asyncio.sleep(0.6)
+            return delivery.receive_count
 
-        with_parts(monkeypatch, stack.env, two_deaths)
+        with_parts(monkeypatch, stack.env, deaths)
         worker = stack.start_worker()
         job = wait_done(http, job_id, timeout=30)
         assert job["status"] == outcome, job
@@ -170,7 +176,7 @@ def test_sqs_worker_killed_inside_the_dead_letter_step(
     async def dead(_: settings_mod.Settings, __: results.Store, queue: queues.Queue) -> list[str]:
         return await queue.dead_letters()
 
-    # SQS itself moved the old message to the dead-letter queue (redrive on the 3rd receive).
+    # SQS itself moved the old message to the dead-letter queue (redrive on the next receive).
     assert any(job_id in body for body in with_parts(monkeypatch, stack.env, dead))
 
 

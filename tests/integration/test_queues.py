@@ -140,6 +140,6 @@ async def test_sqs_redrive_policy_is_set(elasticmq: servers.Server,
         reply = await client.get_queue_attributes(QueueUrl=q.url, AttributeNames=["All"])
     attrs = reply["Attributes"]
     policy = json.loads(attrs["RedrivePolicy"])
-    assert int(policy["maxReceiveCount"]) == 5  # one beyond the worker's own limit
+    assert int(policy["maxReceiveCount"]) == 4 + sqs.REDRIVE_SLACK  # beyond the worker's own limit
     assert policy["deadLetterTargetArn"].endswith(cfg.name + "-dlq")
     assert attrs["VisibilityTimeout"] == "30"

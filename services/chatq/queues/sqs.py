@@ -30,6 +30,8 @@ R = TypeVar("R")
 
 # How long acks wait for company before a DeleteMessageBatch goes out.
 ACK_LINGER_SECONDS = 0.01
+# Receives beyond `max_receives` before SQS itself dead-letters a message (see `setup`).
+REDRIVE_SLACK = 3
 
 
 def _translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -89,13 +91,15 @@ class SqsQueue:
             self.dlq_url = (await sqs.get_queue_url(QueueName=dlq_name))["QueueUrl"]
         dlq_arn = (await sqs.get_queue_attributes(
             QueueUrl=self.dlq_url, AttributeNames=["QueueArn"]))["Attributes"]["QueueArn"]
-        # The redrive policy is a safety net one receive beyond ours: the worker itself
-        # dead-letters on the last receive so it can mark the job failed first.
+        # The redrive policy is a safety net a few receives beyond ours: the worker itself
+        # dead-letters on the last receive so it can mark the job failed first, and a
+        # receive that finds the job still leased (its holder just died) must not be the
+        # one that sends the message away with the job left `running`.
         attributes = {
             "VisibilityTimeout": str(self.cfg.visibility_seconds),
             "ReceiveMessageWaitTimeSeconds": str(self.cfg.wait_seconds),
             "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn,
-                                         "maxReceiveCount": str(self.cfg.max_receives + 1)}),
+                                         "maxReceiveCount": str(self.cfg.max_receives + REDRIVE_SLACK)}),
         }
         if not self.url:
             if self.cfg.create:
