@@ -100,7 +100,7 @@ DEFAULT_BATCH_SUFFIX = "-batch"
 def batch_lane(queue: sources.QueueRef, suffix: str) -> sources.QueueRef:
     """The batch lane of a queue: the same backend, the name (or URL, whose last part is
     the name) with the suffix, the same consumer group."""
-    if isinstance(queue, sources.SqsQueue):
+    if isinstance(queue, sources.SqsQueueRef):
         return dataclasses.replace(queue, url=queue.url + suffix if queue.url else "",
                                    name=queue.name + suffix if queue.name else "")
     return dataclasses.replace(queue, stream=queue.stream + suffix)
@@ -116,9 +116,9 @@ def _queue(queue: Mapping[str, Any], default_redis_url: str) -> tuple[sources.Qu
         url, name = str(sqs.get("url") or ""), str(sqs.get("name") or "")
         if not (url or name):
             raise InvalidSpec("spec.queue.sqs needs a url or a name")
-        return sources.SqsQueue(url=url, name=name, region=str(sqs.get("region") or "us-east-1"),
+        return sources.SqsQueueRef(url=url, name=name, region=str(sqs.get("region") or "us-east-1"),
                                 endpoint=str(sqs.get("endpoint") or "")), ""
-    ref = sources.RedisQueue(url=str(rds.get("url") or default_redis_url or sources.RedisQueue.url),
-                             stream=str(rds.get("stream") or sources.RedisQueue.stream),
-                             group=str(rds.get("group") or sources.RedisQueue.group))
+    ref = sources.RedisQueueRef(url=str(rds.get("url") or default_redis_url or sources.RedisQueueRef.url),
+                             stream=str(rds.get("stream") or sources.RedisQueueRef.stream),
+                             group=str(rds.get("group") or sources.RedisQueueRef.group))
     return ref, ref.url

@@ -1,6 +1,7 @@
 """Queue depth and the workers' busy counts, read at most once per poll per queue.
 
-Two queue kinds: SQS (GetQueueAttributes: ApproximateNumberOfMessages and
+Two queue kinds, read through the same depth rules as chatq.queues (`sqs_depth`,
+`stream_depth`): SQS (GetQueueAttributes: ApproximateNumberOfMessages and
 ApproximateNumberOfMessagesNotVisible; an endpoint override reaches ElasticMQ) and a Redis
 stream read by a consumer group (XINFO GROUPS: the group's lag and pending). Busy counts
 are the workers' `chatq:busy:<worker id>` keys, the worker id being the pod name.
@@ -26,7 +27,7 @@ import botocore.config  # type: ignore[import-untyped,unused-ignore]
 import botocore.exceptions  # type: ignore[import-untyped,unused-ignore]
 import redis.asyncio as aioredis
 import redis.exceptions
-from chatq import budget, results
+from chatq import budget, queues, results
 
 from chatq_operator import decision
 
@@ -41,7 +42,7 @@ class SourceError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class SqsQueue:
+class SqsQueueRef:
     """An SQS queue, by URL or by name."""
 
     url: str = ""
@@ -54,7 +55,7 @@ class SqsQueue:
 
 
 @dataclasses.dataclass(frozen=True)
-class RedisQueue:
+class RedisQueueRef:
     """A Redis stream and the consumer group of the workers."""
 
     url: str = "redis://redis:6379/0"
@@ -65,7 +66,7 @@ class RedisQueue:
         return f"redis:{self.stream}/{self.group}"
 
 
-QueueRef = SqsQueue | RedisQueue
+QueueRef = SqsQueueRef | RedisQueueRef
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ class Sources:
         self._pending: dict[QueueRef, asyncio.Future[decision.Metrics]] = {}
         self._redis: dict[str, aioredis.Redis] = {}
         self._sqs: dict[tuple[str, str], Any] = {}
-        self._sqs_urls: dict[SqsQueue, str] = {}
+        self._sqs_urls: dict[SqsQueueRef, str] = {}
         self._stack = contextlib.AsyncExitStack()
         self._session = aiobotocore.session.get_session()
 
@@ -118,27 +119,26 @@ class Sources:
             del self._pending[queue]
 
     async def _read(self, queue: QueueRef) -> decision.Metrics:
-        if isinstance(queue, SqsQueue):
+        if isinstance(queue, SqsQueueRef):
             return await self._read_sqs(queue)
         return await self._read_redis(queue)
 
-    async def _read_sqs(self, queue: SqsQueue) -> decision.Metrics:
+    async def _read_sqs(self, queue: SqsQueueRef) -> decision.Metrics:
         try:
             sqs = await self._sqs_client(queue.region, queue.endpoint)
             url = queue.url or self._sqs_urls.get(queue, "")
             if not url:
                 url = str((await sqs.get_queue_url(QueueName=queue.name))["QueueUrl"])
                 self._sqs_urls[queue] = url
-            reply = await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
-                "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])
+            reply = await sqs.get_queue_attributes(QueueUrl=url,
+                                                   AttributeNames=queues.SQS_DEPTH_ATTRIBUTES)
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError,
                 TimeoutError) as exc:
             raise SourceError(f"{queue}: {exc}") from None
-        attrs = reply.get("Attributes", {})
-        return decision.Metrics(int(attrs.get("ApproximateNumberOfMessages", 0)),
-                                int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)))
+        depth = queues.sqs_depth(reply.get("Attributes", {}))
+        return decision.Metrics(depth.visible, depth.in_flight)
 
-    async def _read_redis(self, queue: RedisQueue) -> decision.Metrics:
+    async def _read_redis(self, queue: RedisQueueRef) -> decision.Metrics:
         client = self._redis_client(queue.url)
         try:
             async with client.pipeline(transaction=False) as pipe:
@@ -152,18 +152,9 @@ class Sources:
         except (redis.exceptions.RedisError, OSError) as exc:
             raise SourceError(f"{queue}: {exc}") from None
         added = stream.get("entries-added")
-        added_total = int(added) if added is not None else None
-        for group in groups:
-            if group.get("name") != queue.group:
-                continue
-            pending = int(group.get("pending") or 0)
-            lag = group.get("lag")
-            # chatq deletes acknowledged entries, after which Redis may not know the lag:
-            # then the stream holds exactly the waiting and the pending entries.
-            visible = int(lag) if lag is not None else max(0, int(length) - pending)
-            return decision.Metrics(visible, pending, added_total)
-        # The workers have not created their group yet: every entry is waiting.
-        return decision.Metrics(int(length), 0, added_total)
+        depth = queues.stream_depth(int(length), groups, queue.group)
+        return decision.Metrics(depth.visible, depth.in_flight,
+                                int(added) if added is not None else None)
 
     async def busy(self, redis_url: str, pods: Iterable[str]) -> dict[str, int]:
         """In-flight jobs per pod from `chatq:busy:<pod>`; pods without a report are left out."""

@@ -26,7 +26,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from chatq import errors, metrics, results
+from chatq import errors, metrics, redis_client, results
 from chatq import settings as settings_mod
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def view(fields: Mapping[str, str]) -> View:
                 fields.get("last_error", ""))
 
 
-@results.translate_errors
+@redis_client.translate_errors
 async def read_view(client: aioredis.Redis) -> View:
     """The shared record as it is now (the api's /readyz and /metrics)."""
     return view(cast(dict[str, str], await client.hgetall(results.model_health_key())))
@@ -107,7 +107,7 @@ class Breaker:
         """The model has been down past CHATQ_LLM_OUTAGE_WINDOW_SECONDS."""
         return self.current.outage_over(time.time(), self.cfg.outage_window_seconds)
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def read(self) -> View:
         """Read the shared record."""
         self._set(await read_view(self.redis))

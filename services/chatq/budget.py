@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis.asyncio as aioredis
 
-from chatq import errors, jobs, metrics, results
+from chatq import errors, jobs, metrics, redis_client, results
 from chatq import settings as settings_mod
 
 if TYPE_CHECKING:  # the operator imports this module: no openai SDK at run time
@@ -355,7 +355,7 @@ class Budget:
         self._take = client.register_script(_TAKE)
         self._settle = client.register_script(_SETTLE)
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def take(self, cost: int, priority: Priority = Priority.INTERACTIVE,
                    now_ms: int = 0) -> Decision:
         """Take one request and `cost` tokens if both are there; else say how long to wait.
@@ -371,7 +371,7 @@ class Budget:
             metrics.budget_used.labels(self.endpoint, "tokens").inc(cost)
         return decision
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def settle(self, outcome: Outcome, now_ms: int = 0) -> None:
         """Correct the reservation with the real usage, and learn from the provider."""
         p = outcome.provider
@@ -394,7 +394,7 @@ class Budget:
         if outcome.retry_after is not None:
             metrics.provider_429s.labels(self.endpoint).inc()
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def state(self) -> dict[str, float]:
         """The raw hash (levels, learnt limits, model seconds): for the operator and tests."""
         raw = cast(dict[str, str], await self.redis.hgetall(self.key))

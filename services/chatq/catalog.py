@@ -15,8 +15,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict
 
-from chatq import results
-from chatq.results import translate_errors
+from chatq import redis_client, results
 
 
 def new_file_id() -> str:
@@ -170,7 +169,7 @@ class Catalog:
 
     # --- files ----------------------------------------------------------------------
 
-    @translate_errors
+    @redis_client.translate_errors
     async def put_file(self, record: FileRecord) -> None:
         """Store a file's metadata and list it under its owner."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -179,13 +178,13 @@ class Catalog:
             pipe.zadd(results.files_index_key(record.owner), {record.id: time.time()})
             await pipe.execute()
 
-    @translate_errors
+    @redis_client.translate_errors
     async def get_file(self, file_id: str) -> FileRecord | None:
         """A file's metadata, or None."""
         raw = cast(dict[str, str], await self.redis.hgetall(results.file_key(file_id)))
         return FileRecord.from_redis(raw) if raw else None
 
-    @translate_errors
+    @redis_client.translate_errors
     async def delete_file(self, record: FileRecord) -> None:
         """Forget a file's metadata."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -207,7 +206,7 @@ class Catalog:
         ids = cast(list[str], await read(index, start, start + limit))
         return ids[:limit], len(ids) > limit
 
-    @translate_errors
+    @redis_client.translate_errors
     async def list_files(self, owner: str, after: str | None, limit: int, newest_first: bool,
                          purpose: str | None) -> tuple[list[FileRecord], bool]:
         """One page of an owner's files (filtered by purpose: a short page may follow)."""
@@ -221,7 +220,7 @@ class Catalog:
 
     # --- batches --------------------------------------------------------------------
 
-    @translate_errors
+    @redis_client.translate_errors
     async def create_batch(self, record: BatchRecord) -> None:
         """Store a new batch, list it under its owner and hand it to the feeder."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -230,13 +229,13 @@ class Catalog:
             pipe.zadd(results.ACTIVE_BATCHES, {record.id: time.time()})
             await pipe.execute()
 
-    @translate_errors
+    @redis_client.translate_errors
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         """A batch, or None."""
         raw = cast(dict[str, str], await self.redis.hgetall(results.batch_key(batch_id)))
         return BatchRecord.from_redis(raw) if raw else None
 
-    @translate_errors
+    @redis_client.translate_errors
     async def list_batches(self, owner: str, after: str | None, limit: int
                            ) -> tuple[list[BatchRecord], bool]:
         """One page of an owner's batches, newest first."""
@@ -244,7 +243,7 @@ class Catalog:
         found = [await self.get_batch(b) for b in ids]
         return [b for b in found if b is not None], more
 
-    @translate_errors
+    @redis_client.translate_errors
     async def transition(self, batch_id: str, allowed: tuple[str, ...], **fields: Any) -> str:
         """Set fields (a new status among them) if the status is one of `allowed`;
         'ok', else the status it had ('missing' when none)."""
@@ -252,23 +251,23 @@ class Catalog:
         return str(await self._transition(keys=[results.batch_key(batch_id)],
                                           args=[",".join(allowed), *flat]))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def save_progress(self, batch_id: str, **fields: Any) -> None:
         """Fields the feeder alone writes (cursor, fed, total...)."""
         await self.redis.hset(results.batch_key(batch_id),
                               mapping={k: str(v) for k, v in fields.items()})
 
-    @translate_errors
+    @redis_client.translate_errors
     async def active_batches(self) -> list[str]:
         """Batches the feeder still has work for, oldest first."""
         return cast(list[str], await self.redis.zrange(results.ACTIVE_BATCHES, 0, -1))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def retire(self, batch_id: str) -> None:
         """The batch reached a final status: the feeder can forget it."""
         await self.redis.zrem(results.ACTIVE_BATCHES, batch_id)
 
-    @translate_errors
+    @redis_client.translate_errors
     async def take_feeder_lease(self, holder: str, seconds: float) -> bool:
         """Be (or stay) the one process feeding batches; False when another holds it."""
         ms = int(seconds * 1000)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ChatqError(Exception):
@@ -54,3 +59,26 @@ class MalformedMessage(PermanentError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="malformed_message")
+
+
+def translated(convert: Callable[[Exception], ChatqError | None]
+               ) -> Callable[[Callable[P, Coroutine[Any, Any, R]]],
+                             Callable[P, Coroutine[Any, Any, R]]]:
+    """A decorator for a boundary's coroutines (Redis, SQS, S3): an exception that `convert`
+    maps to one of ours is raised as that (`from None`, so the third party's traceback stays
+    out of logs); anything it maps to None goes up unchanged."""
+
+    def decorate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                ours = convert(exc)
+                if ours is None:
+                    raise
+                raise ours from None
+
+        return wrapper
+
+    return decorate

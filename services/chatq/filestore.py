@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -149,25 +148,22 @@ class LocalFileStore:
 # --- S3 ---------------------------------------------------------------------------------
 
 
-def _translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+def _s3_error(exc: Exception) -> errors.ChatqError | None:
     """botocore errors become ours: outages are StoreUnavailable, the rest permanent."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        if status >= 500 or "Throttl" in code or code == "SlowDown":
+            return errors.StoreUnavailable(f"S3 {code}: {exc}")
+        if code in ("NoSuchKey", "404"):
+            return errors.PermanentError(f"S3 has no such file: {exc}", code="file_missing")
+        return errors.PermanentError(f"S3 {code}: {exc}", code="s3_" + code)
+    if isinstance(exc, TimeoutError | botocore.exceptions.BotoCoreError | OSError):
+        return errors.StoreUnavailable(f"S3 is unreachable: {exc}")
+    return None
 
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            if status >= 500 or "Throttl" in code or code == "SlowDown":
-                raise errors.StoreUnavailable(f"S3 {code}: {exc}") from None
-            if code in ("NoSuchKey", "404"):
-                raise errors.PermanentError(f"S3 has no such file: {exc}", code="file_missing") from None
-            raise errors.PermanentError(f"S3 {code}: {exc}", code="s3_" + code) from None
-        except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise errors.StoreUnavailable(f"S3 is unreachable: {exc}") from None
 
-    return wrapper
+_translate = errors.translated(_s3_error)
 
 
 class _S3Writer:

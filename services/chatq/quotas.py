@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from chatq import errors, metrics, results
+from chatq import errors, metrics, redis_client, results
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class Quotas:
         """The quota of one owner: its own entry, else the defaults."""
         return self.per_key.get(owner, self.default)
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def admit(self, owner: str, cost: int) -> dict[str, str]:
         """Take one request and reserve `cost` tokens of the day; returns the headers to
         send, or raises QuotaExceeded."""
@@ -178,7 +178,7 @@ class Quotas:
                             kind, retry, headers)
 
 
-@results.translate_errors
+@redis_client.translate_errors
 async def correct(client: aioredis.Redis, owner: str, created_at: float, delta: int) -> None:
     """Move a key's day by the difference between real usage and the reservation."""
     if delta:

@@ -44,21 +44,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
+from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ConstantBackoff
 
-from chatq import errors, jobs
+from chatq import jobs, redis_client
 from chatq import settings as settings_mod
 
 log = logging.getLogger(__name__)
@@ -140,54 +136,9 @@ def model_probe_key() -> str:
     return "chatq:model:probe"
 
 
-# Idle connections are probed after 10 s and dropped after 3 unanswered probes 5 s apart,
-# so a peer that vanished without a FIN (a cut route) does not hold a connection for ever.
-_KEEPALIVE = {opt: value for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5),
-                                             ("TCP_KEEPCNT", 3))
-              if (opt := getattr(socket, name, None)) is not None}
-# A Redis that restarts answers LOADING while it reads its AOF: waited out in these steps.
-BUSY_RETRY_SECONDS = 0.25
 # The longest any blocking read of the events client blocks (SSE keep-alives come at this
 # pace); its socket timeout is this much longer than the plain one.
 MAX_EVENTS_BLOCK_SECONDS = 15.0
-
-
-def connect(cfg: settings_mod.RedisSettings, blocking_seconds: float = 0.0) -> aioredis.Redis:
-    """A client whose pool makes callers wait (up to the timeout) rather than fail at the cap.
-
-    Every reply is awaited at most `timeout_seconds` (plus `blocking_seconds` for a client
-    that issues blocking reads of up to that long): a Redis that stops answering, rather
-    than refusing, must turn into StoreUnavailable (a 503, a message left for later), not a
-    hang. `BUSY LOADING` while a restarted Redis reads its data is retried for about as long.
-    """
-    busy = Retry(ConstantBackoff(BUSY_RETRY_SECONDS),
-                 max(1, int(cfg.timeout_seconds / BUSY_RETRY_SECONDS)),
-                 supported_errors=(redis.exceptions.BusyLoadingError,))
-    pool = aioredis.BlockingConnectionPool.from_url(
-        cfg.url, max_connections=cfg.max_connections, timeout=cfg.timeout_seconds,
-        decode_responses=True, socket_connect_timeout=cfg.timeout_seconds,
-        socket_timeout=cfg.timeout_seconds + blocking_seconds, socket_keepalive=True,
-        socket_keepalive_options=_KEEPALIVE, health_check_interval=30, retry=busy,
-        retry_on_error=[redis.exceptions.BusyLoadingError])
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def translate_errors(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn Redis connection trouble into StoreUnavailable, so callers see our error only."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-                redis.exceptions.BusyLoadingError, OSError) as exc:
-            raise errors.StoreUnavailable(f"Redis is unreachable: {exc}") from None
-
-    return wrapper
 
 
 WEBHOOK_ON = "chatq:webhook:on"
@@ -442,8 +393,8 @@ class Store:
     @classmethod
     def from_settings(cls, cfg: settings_mod.RedisSettings) -> Store:
         """A Store with its own connection pools (plain calls, blocking event reads)."""
-        return cls(connect(cfg), cfg.results_ttl_seconds,
-                   connect(cfg, blocking_seconds=MAX_EVENTS_BLOCK_SECONDS))
+        return cls(redis_client.connect(cfg), cfg.results_ttl_seconds,
+                   redis_client.connect(cfg, blocking_seconds=MAX_EVENTS_BLOCK_SECONDS))
 
     async def close(self) -> None:
         """Close the connection pools."""
@@ -451,14 +402,14 @@ class Store:
         if self.events is not self.redis:
             await self.events.aclose()
 
-    @translate_errors
+    @redis_client.translate_errors
     async def ping(self) -> None:
         """Raise StoreUnavailable unless Redis answers."""
         await self.redis.ping()
 
     # --- the API's side ---------------------------------------------------------------
 
-    @translate_errors
+    @redis_client.translate_errors
     async def create(self, record: jobs.JobRecord) -> jobs.JobRecord:
         """Write a new job record (see JobRecord.queued); returns it."""
         # No MULTI: a fresh id has no readers yet, and one round trip is what matters here.
@@ -468,7 +419,7 @@ class Store:
             await pipe.execute()
         return record
 
-    @translate_errors
+    @redis_client.translate_errors
     async def create_lines(self, owner: str, batch_id: str, lines: list[dict[str, str]],
                            simulated: bool) -> list[str]:
         """Write the job records of batch lines (each dict: id, custom_id, url, request,
@@ -486,7 +437,7 @@ class Store:
             replies = await pipe.execute()
         return [str(r) for r in replies]
 
-    @translate_errors
+    @redis_client.translate_errors
     async def get_many(self, job_ids: list[str]) -> list[jobs.JobRecord | None]:
         """Several job records in one round trip (None where missing)."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -495,7 +446,7 @@ class Store:
             replies = await pipe.execute()
         return [jobs.JobRecord.from_redis(raw) if raw else None for raw in replies]
 
-    @translate_errors
+    @redis_client.translate_errors
     async def remember_idempotency(self, owner: str, key: str, fingerprint: str,
                                    job_id: str) -> tuple[str, str] | None:
         """Bind key to (fingerprint, job id) unless bound; returns the earlier binding."""
@@ -508,7 +459,7 @@ class Store:
         earlier_fp, earlier_id = value.split(" ", 1)
         return earlier_fp, earlier_id
 
-    @translate_errors
+    @redis_client.translate_errors
     async def forget(self, job_id: str, owner: str = "", idem_key: str = "") -> None:
         """Remove a record the queue never got (enqueue failed)."""
         names = [job_key(job_id)]
@@ -516,13 +467,13 @@ class Store:
             names.append(idempotency_key(owner, idem_key))
         await self.redis.delete(*names)
 
-    @translate_errors
+    @redis_client.translate_errors
     async def get(self, job_id: str) -> jobs.JobRecord | None:
         """The job record, or None when unknown or expired."""
         raw = cast(dict[str, str], await self.redis.hgetall(job_key(job_id)))
         return jobs.JobRecord.from_redis(raw) if raw else None
 
-    @translate_errors
+    @redis_client.translate_errors
     async def cancel(self, job_id: str) -> str:
         """Cancel unless terminal; returns the status after the call ('missing' if none)."""
         done = json.dumps({"status": jobs.Status.CANCELLED.value})
@@ -531,14 +482,14 @@ class Store:
                   LEASES_KEY],
             args=[self.ttl, job_id, _CANCELLED_ERROR.model_dump_json(), done]))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def delete(self, job_id: str) -> None:
         """Remove a job for good: cancelled first (so a worker stops and webhooks tell), then
         its record and events deleted; a worker still holding it finds it missing."""
         await self.cancel(job_id)
         await self.redis.delete(job_key(job_id), events_key(job_id))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def read_events(self, job_id: str, after: str, block_ms: int,
                           count: int = 500) -> list[tuple[str, dict[str, str]]]:
         """Events after stream id `after`, waiting up to block_ms (at most
@@ -552,7 +503,7 @@ class Store:
 
     # --- the worker's side -------------------------------------------------------------
 
-    @translate_errors
+    @redis_client.translate_errors
     async def claim(self, job_id: str, token: str, lease_seconds: float) -> Claim:
         """('ok', record) when this worker now holds the job; else (missing|leased|<terminal
         status>, None)."""
@@ -567,18 +518,18 @@ class Store:
         return Claim("ok", jobs.JobRecord.from_redis(dict(zip(flat[::2], flat[1::2],
                                                               strict=True))))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def renew(self, job_id: str, token: str, lease_seconds: float) -> str:
         """'ok' when the lease was extended; 'cancelled', 'lost'... otherwise."""
         return str(await self._renew(keys=[job_key(job_id), LEASES_KEY],
                                      args=[token, lease_seconds, job_id]))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def release(self, job_id: str, token: str) -> str:
         """Hand a running job back to the queue state (worker shutting down)."""
         return str(await self._release(keys=[job_key(job_id), LEASES_KEY], args=[token, job_id]))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def start_attempt(self, job_id: str) -> int:
         """A retry of the model call begins: count it and tell stream readers."""
         attempt = await self.redis.hincrby(job_key(job_id), "attempts", 1)
@@ -586,14 +537,14 @@ class Store:
                                                    "data": json.dumps({"attempt": attempt})})
         return int(attempt)
 
-    @translate_errors
+    @redis_client.translate_errors
     async def append_delta(self, job_id: str, text: str, attempt: int) -> None:
         """Add a token delta to the job's event stream."""
         data = json.dumps({"text": text, "attempt": attempt})
         # No EXPIRE here: claim() gave the stream its TTL and finish() renews it.
         await self.redis.xadd(events_key(job_id), {"type": "delta", "data": data})
 
-    @translate_errors
+    @redis_client.translate_errors
     async def finish(self, job_id: str, token: str, outcome: jobs.Outcome) -> str:
         """Write the outcome once; 'ok', or why not (lost lease, already terminal...)."""
         flat = [x for pair in outcome.to_redis().items() for x in pair]
@@ -604,7 +555,7 @@ class Store:
 
     # --- the janitor's side ------------------------------------------------------------
 
-    @translate_errors
+    @redis_client.translate_errors
     async def pick_stale(self, stale_seconds: float, limit: int) -> list[StaleJob]:
         """Running jobs whose lease expired over stale_seconds ago; each is this caller's to
         act on until another stale period has passed."""
@@ -613,13 +564,13 @@ class Store:
         return [StaleJob(flat[i], int(flat[i + 1]), float(flat[i + 2]))
                 for i in range(0, len(flat), 3)]
 
-    @translate_errors
+    @redis_client.translate_errors
     async def count_requeue(self, job_id: str) -> int:
         """Count one more requeue of a stale job (before its new message is sent, so a
         worker that takes the job off that message at once cannot make it uncounted)."""
         return int(await self.redis.hincrby(job_key(job_id), "_requeues", 1))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def abandon(self, job_id: str, stale_seconds: float, action: str,
                       error: jobs.JobError | None = None) -> str:
         """Requeue or fail a stale running job: 'requeued'|'failed', or why not ('live' when
@@ -632,17 +583,17 @@ class Store:
             args=[action, stale_seconds, self.ttl, job_id, error.model_dump_json(),
                   json.dumps(done)]))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def note_budget_wait(self, job_id: str, seconds: float) -> None:
         """How long the job waited for the rate budget (shown with its timestamps)."""
         await self.redis.hset(job_key(job_id), "budget_wait_seconds", f"{seconds:.3f}")
 
-    @translate_errors
+    @redis_client.translate_errors
     async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int) -> None:
         """Tell the operator how many jobs this worker holds."""
         await self.redis.set(busy_key(worker_id), in_flight, ex=max(1, ttl_seconds))
 
-    @translate_errors
+    @redis_client.translate_errors
     async def clear_busy(self, worker_id: str) -> None:
         """Remove a stopping worker's busy count."""
         await self.redis.delete(busy_key(worker_id))

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from chatq import errors, jobs, results
+from chatq import errors, jobs, redis_client, results
 from chatq import settings as settings_mod
 
 #: Every event type chatq sends; an endpoint subscribes to all unless it names some.
@@ -241,7 +241,7 @@ class EndpointStore:
         self.redis = client
         self.configured = {e.id: e for e in configured}
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def list(self, owner: str) -> builtins.list[Endpoint]:
         """The owner's endpoints, configured ones first, then by creation."""
         raw = cast(dict[str, str], await self.redis.hgetall(results.webhook_endpoints_key(owner)))
@@ -249,7 +249,7 @@ class EndpointStore:
                       key=lambda e: (e.created_at, e.id))
         return [e for e in self.configured.values() if e.owner == owner] + made
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def get(self, owner: str, endpoint_id: str) -> Endpoint | None:
         """One endpoint of the owner, or None."""
         found = self.configured.get(endpoint_id)
@@ -258,7 +258,7 @@ class EndpointStore:
         raw = await self.redis.hget(results.webhook_endpoints_key(owner), endpoint_id)
         return Endpoint.model_validate_json(raw) if raw else None
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def add(self, endpoint: Endpoint) -> None:
         """Keep a new endpoint; from now on events are recorded."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -267,18 +267,18 @@ class EndpointStore:
             pipe.set(results.WEBHOOK_ON, "1")
             await pipe.execute()
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def remove(self, owner: str, endpoint_id: str) -> bool:
         """Delete an endpoint; its pending deliveries are dropped when they come due."""
         return bool(await self.redis.hdel(results.webhook_endpoints_key(owner), endpoint_id))
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def announce(self) -> None:
         """Turn event recording on when configuration sets endpoints."""
         if self.configured:
             await self.redis.set(results.WEBHOOK_ON, "1")
 
-    @results.translate_errors
+    @redis_client.translate_errors
     async def dead_letters(self, owner: str, limit: int = 100) -> builtins.list[dict[str, Any]]:
         """The owner's dead-lettered deliveries, newest first."""
         raw = await self.redis.lrange(results.webhook_dead_key(owner), 0, limit - 1)

@@ -34,7 +34,7 @@ def test_defaults_match_the_crd() -> None:
     assert "default" not in props["fallbackReplicas"] and rules.fallback_replicas is None
     redis_props = props["queue"]["properties"]["redis"]["properties"]
     assert "default" not in redis_props["url"]  # the operator's CHATQ_REDIS_URL stands in
-    assert cfg.queue == sources.RedisQueue("redis://redis:6379/0", redis_props["stream"]["default"],
+    assert cfg.queue == sources.RedisQueueRef("redis://redis:6379/0", redis_props["stream"]["default"],
                                            redis_props["group"]["default"])
     assert decision.Spec() == rules
 
@@ -49,7 +49,7 @@ def test_full_sqs_spec() -> None:
         "busyRedisUrl": "redis://results:6379/0",
     }, default_busy_redis_url="redis://ignored:6379/0")
     assert cfg.target == "worker"
-    assert cfg.queue == sources.SqsQueue("http://mq:9324/000/jobs", "", "eu-west-1", "http://mq:9324")
+    assert cfg.queue == sources.SqsQueueRef("http://mq:9324/000/jobs", "", "eu-west-1", "http://mq:9324")
     assert cfg.rules == decision.Spec(1, 20, 8, 2, False, 30.0, 90.0, 4, 2, 5)
     assert (cfg.poll_seconds, cfg.busy_redis_url) == (2.0, "redis://results:6379/0")
 
@@ -57,7 +57,7 @@ def test_full_sqs_spec() -> None:
 def test_redis_queue_url_from_the_operator() -> None:
     cfg = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {"stream": "s"}}},
                        default_redis_url="redis://:secret@r:6379/2")
-    assert cfg.queue == sources.RedisQueue("redis://:secret@r:6379/2", "s", "chatq-workers")
+    assert cfg.queue == sources.RedisQueueRef("redis://:secret@r:6379/2", "s", "chatq-workers")
     assert cfg.busy_redis_url == "redis://:secret@r:6379/2"
 
 
@@ -97,10 +97,10 @@ def test_lanes_count_the_batch_lane_unless_interactive() -> None:
     assert props["lanes"]["default"] == "all"
     assert props["batchSuffix"]["default"] == config.DEFAULT_BATCH_SUFFIX
     redis = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {"stream": "jobs"}}})
-    assert redis.batch_queue == sources.RedisQueue(stream="jobs-batch")
+    assert redis.batch_queue == sources.RedisQueueRef(stream="jobs-batch")
     sqs = config.parse({"targetRef": {"name": "w"}, "batchSuffix": "-b",
                         "queue": {"sqs": {"url": "http://mq:9324/000/jobs"}}})
-    assert sqs.batch_queue == sources.SqsQueue(url="http://mq:9324/000/jobs-b")
+    assert sqs.batch_queue == sources.SqsQueueRef(url="http://mq:9324/000/jobs-b")
     only = config.parse({"targetRef": {"name": "w"}, "lanes": "interactive", "queue": {"redis": {}}})
     assert only.batch_queue is None
     with pytest.raises(config.InvalidSpec, match=r"spec\.lanes"):

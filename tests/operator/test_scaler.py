@@ -218,7 +218,7 @@ class LaneSources(FakeSources):
         self.depths = depths
 
     async def metrics(self, queue: sources.QueueRef, max_age: float) -> decision.Metrics:
-        assert isinstance(queue, sources.RedisQueue)
+        assert isinstance(queue, sources.RedisQueueRef)
         if queue.stream not in self.depths:
             raise sources.SourceError("no such stream")
         return self.depths[queue.stream]

@@ -7,7 +7,7 @@ import hashlib
 import httpx
 import openai
 import pytest
-from chatq import client, errors, llm, llmsim
+from chatq import client, errors, llm, llmsim, queues
 from chatq.api import deps
 
 
@@ -66,3 +66,17 @@ def test_sse_parsing() -> None:
     events = list(client._parse_sse(iter(lines)))
     assert [(e.id, e.type, e.data) for e in events] == [
         ("1-0", "delta", {"text": "a"}), ("2-0", "done", {"status": "succeeded"})]
+
+
+def test_depth_rules_of_both_backends() -> None:
+    # The one rule the queues, the api's /metrics and the operator share.
+    assert queues.sqs_depth({"ApproximateNumberOfMessages": "4",
+                             "ApproximateNumberOfMessagesNotVisible": "2"}) == queues.Depth(4, 2)
+    assert queues.sqs_depth({}) == queues.Depth(0, 0)
+    groups = [{"name": "other", "lag": 9, "pending": 9},
+              {"name": "workers", "lag": 3, "pending": 2}]
+    assert queues.stream_depth(10, groups, "workers") == queues.Depth(3, 2)
+    # After deletions Redis may not know the lag: the stream holds waiting + pending.
+    assert queues.stream_depth(7, [{"name": "workers", "lag": None, "pending": 2}],
+                               "workers") == queues.Depth(5, 2)
+    assert queues.stream_depth(7, [], "workers") == queues.Depth(7, 0)  # no group yet

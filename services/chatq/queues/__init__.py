@@ -6,8 +6,9 @@ lease while the model runs, hands them back on shutdown, or dead-letters them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from chatq import settings as settings_mod
 
@@ -33,6 +34,34 @@ class Depth:
 
     visible: int
     in_flight: int
+
+
+# The one depth rule of each backend: the queues' `depth()`, the api's /metrics and the
+# operator's sources all read depth through these, so they cannot drift apart.
+
+SQS_DEPTH_ATTRIBUTES = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+"""What GetQueueAttributes must return for `sqs_depth`."""
+
+
+def sqs_depth(attributes: Mapping[str, str]) -> Depth:
+    """An SQS queue's depth from its GetQueueAttributes reply's `Attributes`."""
+    return Depth(int(attributes.get("ApproximateNumberOfMessages", 0)),
+                 int(attributes.get("ApproximateNumberOfMessagesNotVisible", 0)))
+
+
+def stream_depth(length: int, groups: Iterable[Mapping[str, Any]], group: str) -> Depth:
+    """A Redis stream's depth for one consumer group, from XLEN and XINFO GROUPS.
+
+    chatq deletes acknowledged entries, after which Redis may not know the group's lag:
+    the stream then holds exactly the waiting and the pending entries. Before the workers
+    create their group, every entry is waiting.
+    """
+    for info in groups:
+        if info.get("name") == group:
+            pending = int(info.get("pending") or 0)
+            lag = info.get("lag")
+            return Depth(int(lag) if lag is not None else max(0, length - pending), pending)
+    return Depth(length, 0)
 
 
 class Queue(Protocol):

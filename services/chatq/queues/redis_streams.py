@@ -13,10 +13,9 @@ from typing import Any, cast
 
 import redis.exceptions
 
-from chatq import errors, results
+from chatq import errors, redis_client
 from chatq import settings as settings_mod
-from chatq.queues import Delivery, Depth
-from chatq.results import translate_errors
+from chatq.queues import Delivery, Depth, stream_depth
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,11 @@ class RedisStreamsQueue:
         self.dlq = f"{cfg.name}-dlq"
         self.group = cfg.group
         self.consumer = consumer
-        self.redis = results.connect(redis_cfg, blocking_seconds=MAX_BLOCK_SECONDS)
+        self.redis = redis_client.connect(redis_cfg, blocking_seconds=MAX_BLOCK_SECONDS)
         self._visibility_ms = cfg.visibility_seconds * 1000
         self._next_autoclaim = 0.0
 
-    @translate_errors
+    @redis_client.translate_errors
     async def setup(self) -> None:
         try:
             # Id 0, not $: messages sent before any worker started are not skipped.
@@ -54,13 +53,13 @@ class RedisStreamsQueue:
             if "BUSYGROUP" not in str(exc):
                 raise errors.PermanentError(f"cannot create consumer group: {exc}") from None
 
-    @translate_errors
+    @redis_client.translate_errors
     async def send(self, body: str, attributes: dict[str, str]) -> str:
         fields: dict[str | bytes, str | bytes] = {"body": body}
         fields.update({f"attr:{k}": v for k, v in attributes.items()})
         return str(await self.redis.xadd(self.name, fields))  # type: ignore[arg-type]
 
-    @translate_errors
+    @redis_client.translate_errors
     async def receive(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
         got = await self._reclaim(max_messages)
         if len(got) < max_messages:
@@ -111,20 +110,20 @@ class RedisStreamsQueue:
                      self.cfg.visibility_seconds)
         return out
 
-    @translate_errors
+    @redis_client.translate_errors
     async def ack(self, delivery: Delivery) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.name, self.group, delivery.handle)
             pipe.xdel(self.name, delivery.handle)
             await pipe.execute()
 
-    @translate_errors
+    @redis_client.translate_errors
     async def extend(self, delivery: Delivery, seconds: int) -> None:
         # Claiming it for ourselves resets its idle time: the lease is renewed.
         await self.redis.xclaim(self.name, self.group, self.consumer, 0, [delivery.handle],
                                 justid=True)
 
-    @translate_errors
+    @redis_client.translate_errors
     async def release(self, delivery: Delivery, delay: float = 0.0) -> None:
         # Marked idle for longer than the visibility timeout: the next XAUTOCLAIM, by any
         # worker, takes it at once; with a delay, idle for that much less than the timeout.
@@ -133,7 +132,7 @@ class RedisStreamsQueue:
         await self.redis.xclaim(self.name, self.group, self.consumer, 0, [delivery.handle],
                                 idle=idle, justid=True)
 
-    @translate_errors
+    @redis_client.translate_errors
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dlq, {"body": delivery.body, "reason": reason,
@@ -143,21 +142,19 @@ class RedisStreamsQueue:
             pipe.xdel(self.name, delivery.handle)
             await pipe.execute()
 
-    @translate_errors
+    @redis_client.translate_errors
     async def depth(self) -> Depth:
-        try:
-            groups = await self.redis.xinfo_groups(self.name)
-        except redis.exceptions.ResponseError:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.name)
+            pipe.xinfo_groups(self.name)
+            length, groups = await pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception):
+            raise length
+        if isinstance(groups, redis.exceptions.ResponseError):
             return Depth(0, 0)  # no stream yet: nothing waits
-        for group in groups:
-            if group["name"] == self.group:
-                lag = group.get("lag")
-                if lag is None:  # Redis cannot tell after deletions: count the stream
-                    lag = max(0, int(await self.redis.xlen(self.name)) - int(group["pending"]))
-                return Depth(int(lag), int(group["pending"]))
-        return Depth(int(await self.redis.xlen(self.name)), 0)
+        return stream_depth(int(length), groups, self.group)
 
-    @translate_errors
+    @redis_client.translate_errors
     async def dead_letters(self, limit: int = 100) -> list[str]:
         entries = cast(list[tuple[str, dict[str, str]]], await self.redis.xrange(self.dlq, count=limit))
         return [fields.get("body", "") for _id, fields in entries]

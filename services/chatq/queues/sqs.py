@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import aiobotocore.session
@@ -21,7 +19,7 @@ import botocore.exceptions
 
 from chatq import errors
 from chatq import settings as settings_mod
-from chatq.queues import Delivery, Depth
+from chatq.queues import SQS_DEPTH_ATTRIBUTES, Delivery, Depth, sqs_depth
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +32,20 @@ ACK_LINGER_SECONDS = 0.01
 REDRIVE_SLACK = 3
 
 
-def _translate(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+def _sqs_error(exc: Exception) -> errors.ChatqError | None:
     """botocore errors become ours: throttling and outages are temporary."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+        if status >= 500 or "Throttl" in code or code == "RequestThrottled":
+            return errors.TemporaryError(f"SQS {code}: {exc}")
+        return errors.PermanentError(f"SQS {code}: {exc}", code="sqs_" + code)
+    if isinstance(exc, TimeoutError | botocore.exceptions.BotoCoreError | OSError):
+        return errors.StoreUnavailable(f"SQS is unreachable: {exc}")
+    return None
 
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            if status >= 500 or "Throttl" in code or code == "RequestThrottled":
-                raise errors.TemporaryError(f"SQS {code}: {exc}") from None
-            raise errors.PermanentError(f"SQS {code}: {exc}", code="sqs_" + code) from None
-        except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise errors.StoreUnavailable(f"SQS is unreachable: {exc}") from None
 
-    return wrapper
+_translate = errors.translated(_sqs_error)
 
 
 class SqsQueue:
@@ -187,10 +182,9 @@ class SqsQueue:
     @_translate
     async def depth(self) -> Depth:
         sqs = await self._sqs()
-        attrs = (await sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]))["Attributes"]
-        return Depth(int(attrs.get("ApproximateNumberOfMessages", 0)),
-                     int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0)))
+        reply = await sqs.get_queue_attributes(QueueUrl=self.url,
+                                               AttributeNames=SQS_DEPTH_ATTRIBUTES)
+        return sqs_depth(reply["Attributes"])
 
     @_translate
     async def dead_letters(self, limit: int = 100) -> list[str]:
