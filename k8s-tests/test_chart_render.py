@@ -640,7 +640,7 @@ def test_helm_test_pod_asks_through_the_api_service(tools: Tools) -> None:
     assert ask["image"] == f"chatq-api:{APP_VERSION}"
     assert ask["args"][0] == "ask" and "--no-stream" in ask["args"]
     assert ask["args"][ask["args"].index("--url") + 1] == "http://chatq-api:8000"
-    assert env(pod)["CHATQ_API_KEY"] == {"secretKeyRef": {"name": "k", "key": "plain"}}
+    assert env(pod)["CHATQ_CLIENT_API_KEY"] == {"secretKeyRef": {"name": "k", "key": "plain"}}
     assert pod["spec"]["restartPolicy"] == "Never"
     assert not all_of(tools.template(values=merged(REDIS, {"tests": {"enabled": False}})), "Pod")
 

@@ -42,6 +42,9 @@ def _load_settings() -> settings_mod.Settings:
     except ValidationError as exc:
         problems = "; ".join(
             f"CHATQ_{'_'.join(str(x) for x in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
+        if any(tuple(e["loc"]) == ("api", "key") for e in exc.errors()):
+            problems += (f" (the key of `chatq ask` is {client.API_KEY_VAR} now; the server's"
+                         " keys are CHATQ_API_KEYS)")
         sys.exit(f"chatq: bad setting: {problems}")
 
 
@@ -208,7 +211,7 @@ def cmd_up(settings: settings_mod.Settings) -> None:
 
 def cmd_ask(args: argparse.Namespace) -> None:
     """Submit a question, show its status while it waits, print the answer as it streams."""
-    api_key = args.api_key or os.environ.get("CHATQ_API_KEY", "")
+    api_key = args.api_key or os.environ.get(client.API_KEY_VAR, "")
     out, err = sys.stdout, sys.stderr
     with client.Client(args.url, api_key) as chatq:
         try:
@@ -281,9 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    epilog=_settings_help(), formatter_class=fmt)
     ask = sub.add_parser("ask", help="ask a question and print the answer as it streams")
     ask.add_argument("question")
-    ask.add_argument("--url", default=os.environ.get("CHATQ_URL", "http://127.0.0.1:8000"),
-                     help="the chatq API (env CHATQ_URL; default %(default)s)")
-    ask.add_argument("--api-key", default="", help="API key (env CHATQ_API_KEY)")
+    ask.add_argument("--url", default=os.environ.get(client.URL_VAR, "http://127.0.0.1:8000"),
+                     help=f"the chatq API (env {client.URL_VAR}; default %(default)s)")
+    ask.add_argument("--api-key", default="", help=f"API key (env {client.API_KEY_VAR})")
     ask.add_argument("--model", default=None, help="model name (default: the server's)")
     ask.add_argument("--system", default=None, help="a system prompt")
     ask.add_argument("--max-tokens", type=int, default=None)

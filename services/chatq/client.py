@@ -18,7 +18,13 @@ from typing import Any
 
 import httpx
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from chatq import jobs
+
+# The client's own variables, for `chatq ask`. They live outside the server's
+# CHATQ_<GROUP>_<FIELD> names (CHATQ_API_KEY would read as a setting `api.key` and stop
+# `chatq api` from starting), so one shell can run the server and ask it.
+URL_VAR = "CHATQ_CLIENT_URL"
+API_KEY_VAR = "CHATQ_CLIENT_API_KEY"
 
 
 class ClientError(Exception):
@@ -98,7 +104,7 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             job = self.get(job_id, wait=max(0.0, min(poll, left)))
-            if job["status"] in TERMINAL or left <= 0:
+            if jobs.Status(job["status"]).terminal or left <= 0:
                 return job
 
     def cancel(self, job_id: str) -> dict[str, Any]:

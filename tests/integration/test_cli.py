@@ -22,7 +22,7 @@ def chatq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Co
 
 def test_ask_streams_the_answer(stack_factory: StackFactory) -> None:
     stack = stack_factory("redis", CHATQ_API_KEYS="secret")
-    env = servers.chatq_env(CHATQ_URL=stack.url, CHATQ_API_KEY="secret")
+    env = servers.chatq_env(CHATQ_CLIENT_URL=stack.url, CHATQ_CLIENT_API_KEY="secret")
     out = chatq("ask", "What is a queue? llmsim:tokens=8", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(llmsim.PREFIX) and len(out.stdout.split()) >= 8
@@ -34,10 +34,10 @@ def test_ask_streams_the_answer(stack_factory: StackFactory) -> None:
 
 def test_ask_reports_failures_clearly(stack_factory: StackFactory) -> None:
     stack = stack_factory("redis", CHATQ_API_KEYS="secret", CHATQ_LLM_MAX_ATTEMPTS="1")
-    env = servers.chatq_env(CHATQ_URL=stack.url, CHATQ_API_KEY="secret")
+    env = servers.chatq_env(CHATQ_CLIENT_URL=stack.url, CHATQ_CLIENT_API_KEY="secret")
     failed = chatq("ask", "llmsim:fail=400", env=env)
     assert failed.returncode == 1 and "job failed" in failed.stderr and "model_error_400" in failed.stderr
-    wrong = chatq("ask", "hi", "--api-key", "nope", env={**env, "CHATQ_API_KEY": ""})
+    wrong = chatq("ask", "hi", "--api-key", "nope", env={**env, "CHATQ_CLIENT_API_KEY": ""})
     assert wrong.returncode == 1 and "401 unauthorized" in wrong.stderr
     port = servers.free_port()
     nobody = chatq("ask", "hi", "--url", f"http://127.0.0.1:{port}", env=env)
@@ -50,7 +50,9 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         CHATQ_API_PORT=ports["api"], CHATQ_LLMSIM_PORT=ports["sim"],
         CHATQ_TELEMETRY_METRICS_PORT=ports["metrics"],
         CHATQ_REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0",
-        CHATQ_LLMSIM_TTFT_MS="20", CHATQ_LLMSIM_ITL_MS="2", XDG_CACHE_HOME=str(tmp_path))
+        CHATQ_LLMSIM_TTFT_MS="20", CHATQ_LLMSIM_ITL_MS="2", XDG_CACHE_HOME=str(tmp_path),
+        # The client's variables in the same shell: the api and worker must not mind them.
+        CHATQ_CLIENT_URL=f"http://127.0.0.1:{ports['api']}", CHATQ_CLIENT_API_KEY="unused")
     log = tmp_path / "up.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "chatq", "up"], env=env, stdout=out,
@@ -62,7 +64,7 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         for step in ("starting redis-server", "starting llmsim", "starting the api",
                      "starting a worker", "curl"):
             assert step in text, text
-        ask = chatq("ask", "hello", "--url", url, env=servers.chatq_env())
+        ask = chatq("ask", "hello", env=env)  # finds the api through CHATQ_CLIENT_URL
         assert ask.returncode == 0 and ask.stdout.startswith(llmsim.PREFIX), ask.stderr
     finally:
         proc.send_signal(signal.SIGINT)
@@ -77,3 +79,11 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
             raise AssertionError(f"something still listens on {port}")
         except httpx.TransportError:
             pass
+
+
+def test_the_old_client_key_variable_is_explained() -> None:
+    # CHATQ_API_KEY reads as a setting `api.key`, which the server refuses: it says what to
+    # use instead rather than only "Extra inputs are not permitted".
+    out = chatq("api", env=servers.chatq_env(CHATQ_API_KEY="secret"), timeout=30)
+    assert out.returncode != 0
+    assert "CHATQ_API_KEY" in out.stderr and "CHATQ_CLIENT_API_KEY" in out.stderr, out.stderr

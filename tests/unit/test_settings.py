@@ -123,3 +123,15 @@ def test_kubernetes_service_links_are_ignored(monkeypatch: pytest.MonkeyPatch) -
 ])
 def test_is_service_link(name: str, value: str, link: bool) -> None:
     assert settings_mod.is_service_link(name, value) is link
+
+
+def test_the_clients_variables_are_not_server_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatq import client
+
+    monkeypatch.setenv(client.URL_VAR, "http://chatq:8000")
+    monkeypatch.setenv(client.API_KEY_VAR, "secret")
+    settings_mod.Settings()  # would raise "Extra inputs are not permitted" inside a group
+    assert not client.URL_VAR.startswith(tuple(f"CHATQ_{g}_".upper()
+                                               for g in settings_mod.Settings.model_fields))
+    assert not client.API_KEY_VAR.startswith(tuple(f"CHATQ_{g}_".upper()
+                                                   for g in settings_mod.Settings.model_fields))
