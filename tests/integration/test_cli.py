@@ -57,7 +57,6 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "chatq", "up"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['api']}"
     try:
         servers.wait_for(lambda: "chatq is up" in log.read_text(), "chatq up", 60, proc, log)
         text = log.read_text()
