@@ -108,23 +108,41 @@ def _popen(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 
 @contextlib.contextmanager
-def redis_server(port: int | None = None) -> Iterator[Server]:
-    """A throwaway redis-server without persistence."""
+def redis_server(port: int | None = None, appendfsync: str = "") -> Iterator[Server]:
+    """A throwaway redis-server: without persistence, or with `appendfsync` ("always",
+    "everysec") an append-only file in its own directory, which `restart_redis` reloads."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: run scripts/setup (apt-get install redis-server)")
     port = port or free_port()
     with tempfile.TemporaryDirectory(prefix="chatq-redis-") as tmp:
         log = Path(tmp) / "redis.log"
-        proc = _popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                       "--appendonly", "no", "--dir", tmp], log)
-        server = Server(f"redis://127.0.0.1:{port}/0", port, proc, log)
+        aof = ["--appendonly", "yes", "--appendfsync", appendfsync] if appendfsync else [
+            "--appendonly", "no"]
+        cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof, "--dir", tmp]
+        server = Server(f"redis://127.0.0.1:{port}/0", port, _popen(cmd, log), log,
+                        {"cmd": "\0".join(cmd)})
         try:
-            wait_for(lambda: socket.create_connection(("127.0.0.1", port), 0.2).close() is None,
-                     f"redis-server on port {port}", 15, proc, log)
+            _wait_redis(server)
             yield server
         finally:
             server.stop()
+
+
+def _wait_redis(server: Server) -> None:
+    wait_for(lambda: socket.create_connection(("127.0.0.1", server.port), 0.2).close() is None,
+             f"redis-server on port {server.port}", 15, server.proc, server.log)
+
+
+def restart_redis(server: Server, down_seconds: float = 0.0, args: tuple[str, ...] = ()) -> None:
+    """SIGKILL a `redis_server` (no shutdown save, no final fsync), wait `down_seconds`,
+    and start it again on the same port and directory (with `args` added), where it
+    reloads what it persisted. Returns once it accepts connections (it may still answer
+    LOADING for a while)."""
+    server.kill()
+    time.sleep(down_seconds)
+    server.proc = _popen([*server.extra["cmd"].split("\0"), *args], server.log)
+    _wait_redis(server)
 
 
 def elasticmq_home() -> Path:

@@ -412,6 +412,10 @@ class Worker:
         except errors.ModelUnavailable as exc:
             await self._model_down(delivery, job_id, token, exc)
             return None
+        except errors.StoreUnavailable:
+            # Redis, not the job, failed (a delta write met a restart): run_job hands the
+            # job back; recording it as the job's failure would fail a healthy job.
+            raise
         except errors.ChatqError as exc:
             await self._fail(delivery, job_id, token, exc, sink.attempt_errors)
             return None

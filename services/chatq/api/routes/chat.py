@@ -135,7 +135,8 @@ async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") ->
         except errors.ChatqError:
             pass
         raise api_error(503, "queue_unavailable",
-                        f"could not enqueue the job on the {queue.backend} queue: {exc}") from None
+                        f"could not enqueue the job on the {queue.backend} queue: {exc}",
+                        {"Retry-After": "1"}) from None
     metrics.jobs_enqueued.labels(queue.backend).inc()
 
 
