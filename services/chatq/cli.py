@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from chatq import client, telemetry
+from chatq import client, probe, telemetry
 from chatq import settings as settings_mod
 
 
@@ -60,13 +60,10 @@ def cmd_api(settings: settings_mod.Settings) -> None:
 
 
 def cmd_worker(settings: settings_mod.Settings) -> None:
-    import prometheus_client
-
     from chatq import worker
 
-    telemetry.setup(settings, "chatq-worker")
-    port = settings.telemetry.metrics_port or 9100
-    prometheus_client.start_http_server(port, addr=settings.telemetry.metrics_host)
+    worker_id = settings.worker.id or worker.default_worker_id()
+    telemetry.setup(settings, "chatq-worker", instance_id=worker_id)
     try:
         import uvloop
 
@@ -76,7 +73,7 @@ def cmd_worker(settings: settings_mod.Settings) -> None:
     # Everything imported so far lives as long as the process: keep it out of the garbage
     # collector's full passes, whose pauses otherwise stall every job in flight.
     gc.freeze()
-    asyncio.run(worker.serve(settings))
+    asyncio.run(worker.serve(settings, worker_id))
 
 
 def cmd_llmsim(settings: settings_mod.Settings) -> None:
@@ -179,7 +176,8 @@ def _start_chatq(settings: settings_mod.Settings, children: _Children) -> str:
     _say(f"starting the api at {api_url}...")
     _wait_http(f"{api_url}/readyz", children.start("api", [*me, "api"]), "the api")
     _say(f"starting a worker (concurrency {settings.worker.concurrency})...")
-    metrics = f"http://{settings.telemetry.metrics_host}:{settings.telemetry.metrics_port or 9100}/healthz"
+    port = probe.port_of(settings.telemetry.metrics_port)
+    metrics = f"http://{settings.telemetry.metrics_host}:{port}/healthz"
     _wait_http(metrics, children.start("worker", [*me, "worker"]), "the worker")
     return api_url
 

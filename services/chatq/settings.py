@@ -318,7 +318,7 @@ class TelemetrySettings(_Group):
     """Address the worker's /metrics and /healthz server binds to; `0.0.0.0` in containers,
     so probes and Prometheus reach it. Default 127.0.0.1."""
     metrics_port: int = 0
-    """Port of the worker's /metrics server; 0 means 9100 for the worker. Default 0."""
+    """Port of the worker's /healthz and /metrics server; 0 means 9100 (chatq.probe). Default 0."""
     capture_content: bool = False
     """Put question and answer text into traces (GenAI prompt capture); logs never hold it.
     Default false: no user text leaves the job."""

@@ -211,26 +211,28 @@ def configure_logging(log_settings: settings_mod.LogSettings) -> None:
 # --- tracing setup -----------------------------------------------------------------------
 
 
-def setup(settings: settings_mod.Settings, service: str) -> None:
-    """Start tracing and OTLP logs for this process when OTEL_* variables ask for them."""
-    start_tracing(service, capture_content=settings.telemetry.capture_content)
-    start_logs(service)
+def setup(settings: settings_mod.Settings, service: str, instance_id: str = "") -> None:
+    """Start tracing and OTLP logs for this process when OTEL_* variables ask for them;
+    `instance_id` (the worker's id) becomes `service.instance.id`."""
+    start_tracing(service, capture_content=settings.telemetry.capture_content,
+                  instance_id=instance_id)
+    start_logs(service, instance_id)
 
 
-def _resource(service: str) -> Any:
+def _resource(service: str, instance_id: str = "") -> Any:
     """The process's resource: service name (unless OTEL_SERVICE_NAME), version, instance."""
     from opentelemetry.sdk.resources import Resource
 
     attributes: dict[str, str] = {"service.version": _version()}
     if not os.environ.get("OTEL_SERVICE_NAME"):
         attributes["service.name"] = service
-    if os.environ.get("CHATQ_WORKER_ID"):
-        attributes["service.instance.id"] = os.environ["CHATQ_WORKER_ID"]
+    if instance_id:
+        attributes["service.instance.id"] = instance_id
     # Resource.create() adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
     return Resource.create(attributes)
 
 
-def start_logs(service: str) -> bool:
+def start_logs(service: str, instance_id: str = "") -> bool:
     """Also send the root logger's records over OTLP; False when not asked to.
 
     Call it after the process's logging is configured (`configure_logging`, or kopf's),
@@ -242,7 +244,7 @@ def start_logs(service: str) -> bool:
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
-    resource = _resource(service)
+    resource = _resource(service, instance_id)
     provider = LoggerProvider(resource=resource)
     provider.add_log_record_processor(BatchLogRecordProcessor(_exporter("logs")))
     set_logger_provider(provider)
@@ -253,7 +255,7 @@ def start_logs(service: str) -> bool:
     return True
 
 
-def start_tracing(service: str, capture_content: bool = False) -> bool:
+def start_tracing(service: str, capture_content: bool = False, instance_id: str = "") -> bool:
     """Set up the SDK, the OTLP exporter and the instrumentations; False when not asked to.
 
     For processes without chatq's Settings (the operator): `start_tracing("chatq-operator")`.
@@ -263,7 +265,7 @@ def start_tracing(service: str, capture_content: bool = False) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = _resource(service)
+    resource = _resource(service, instance_id)
     provider = TracerProvider(resource=resource, sampler=_sampler())
     provider.add_span_processor(BatchSpanProcessor(_exporter("traces")))
     trace.set_tracer_provider(provider)

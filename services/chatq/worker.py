@@ -16,7 +16,20 @@ import time
 import uuid
 from typing import Any
 
-from chatq import breaker, budget, errors, janitor, jobs, lanes, llm, metrics, quotas, results, telemetry
+from chatq import (
+    breaker,
+    budget,
+    errors,
+    janitor,
+    jobs,
+    lanes,
+    llm,
+    metrics,
+    probe,
+    quotas,
+    results,
+    telemetry,
+)
 from chatq import settings as settings_mod
 from chatq.queues import Delivery, Queue
 
@@ -72,7 +85,7 @@ class Worker:
     """One worker process: up to `concurrency` jobs at once."""
 
     def __init__(self, settings: settings_mod.Settings, queue: Queue, store: results.Store,
-                 model: llm.Llm, batch_queue: Queue | None = None) -> None:
+                 model: llm.Llm, worker_id: str, batch_queue: Queue | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.batch_queue = batch_queue
@@ -81,7 +94,7 @@ class Worker:
         self._batch_next_poll = 0.0
         self.store = store
         self.llm = model
-        self.id = settings.worker.id or default_worker_id()
+        self.id = worker_id
         self.lease = settings.queue.visibility_seconds
         self.heartbeat_every = settings.worker.heartbeat_seconds or self.lease / 3
         self.concurrency = settings.worker.concurrency
@@ -533,19 +546,17 @@ class Worker:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
 
-async def serve(settings: settings_mod.Settings) -> None:
+async def serve(settings: settings_mod.Settings, worker_id: str) -> None:
     """Build the worker from settings and run it until stopped by a signal."""
     import signal
 
     from chatq import queues
 
-    worker_id = settings.worker.id or default_worker_id()
     store = results.Store.from_settings(settings.redis)
     queue = queues.open_queue(settings, consumer=worker_id)
     batch_queue = queues.open_queue(settings, consumer=worker_id, lane="batch")
     model = llm.Llm(settings)
-    worker = Worker(settings, queue, store, model, batch_queue)
-    worker.id = worker_id
+    worker = Worker(settings, queue, store, model, worker_id, batch_queue)
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -559,9 +570,13 @@ async def serve(settings: settings_mod.Settings) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    # Answered from this loop, so the kubelet's probes see a stuck loop (chatq.probe).
+    http = await probe.start(settings.telemetry.metrics_host,
+                             probe.port_of(settings.telemetry.metrics_port))
     try:
         await worker.run()
     finally:
+        await http.cleanup()
         await queue.close()
         await batch_queue.close()
         await model.close()

@@ -80,3 +80,38 @@ def test_depth_rules_of_both_backends() -> None:
     assert queues.stream_depth(7, [{"name": "workers", "lag": None, "pending": 2}],
                                "workers") == queues.Depth(5, 2)
     assert queues.stream_depth(7, [], "workers") == queues.Depth(7, 0)  # no group yet
+
+
+def test_worker_healthz_fails_while_its_event_loop_is_stuck() -> None:
+    # The probe server runs in the worker's loop (chatq.probe): a loop stuck in a blocking
+    # call must stop answering, so the kubelet's liveness probe restarts the worker.
+    import asyncio
+    import threading
+    import time
+
+    from chatq import probe
+
+    from tests import servers
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    port = servers.free_port()
+    runner = asyncio.run_coroutine_threadsafe(probe.start("127.0.0.1", port), loop).result(10)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert httpx.get(f"{url}/healthz", timeout=5).json() == {"status": "ok"}
+        metrics = httpx.get(f"{url}/metrics", timeout=5)
+        assert metrics.status_code == 200 and "python_info" in metrics.text
+        assert httpx.get(f"{url}/nope", timeout=5).status_code == 404
+        loop.call_soon_threadsafe(time.sleep, 3.0)  # a blocking call inside the loop
+        time.sleep(0.2)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(f"{url}/healthz", timeout=1.0)
+        time.sleep(2.5)  # the loop is free again: so is the probe
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
