@@ -8,7 +8,8 @@ It runs standalone (no kopf peering objects needed); run one replica. Credential
 from the pod's service account, else KUBECONFIG. The environment also sets
 CHATQ_OPERATOR_METRICS_PORT (Prometheus, default 8080, 0 for none), and
 CHATQ_OPERATOR_BUSY_REDIS_URL or CHATQ_REDIS_URL: where workers report busy counts when a
-QueueScaler names no busyRedisUrl and its queue is not a Redis stream.
+QueueScaler names no busyRedisUrl and its queue is not a Redis stream. They are read here
+once, into `config.Options`, which the handlers get in kopf's memo.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 
 import kopf
 from chatq import telemetry
+
+from chatq_operator import config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,10 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def options(args: argparse.Namespace, env: Mapping[str, str]) -> config.Options:
+    """The handlers' options from the command line, then the environment, then defaults."""
+    port = args.metrics_port
+    if port is None:
+        port = int(env.get("CHATQ_OPERATOR_METRICS_PORT") or config.DEFAULT_METRICS_PORT)
+    redis_url = env.get("CHATQ_REDIS_URL", "")
+    return config.Options(metrics_port=port,
+                            metrics_host=env.get("CHATQ_OPERATOR_METRICS_HOST") or "0.0.0.0",
+                            redis_url=redis_url,
+                            busy_redis_url=env.get("CHATQ_OPERATOR_BUSY_REDIS_URL") or redis_url)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.metrics_port is not None:
-        os.environ["CHATQ_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
     kopf.configure(verbose=args.verbose)
     # OTLP traces of the Kubernetes and queue calls when OTEL_* asks for them; off otherwise.
     telemetry.start_tracing("chatq-operator")
@@ -60,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.scanning.disabled = exact
     kopf.run(standalone=True, clusterwide=args.all_namespaces,
              namespaces=[] if args.all_namespaces else args.namespace,
-             liveness_endpoint=args.liveness or None, settings=settings)
+             liveness_endpoint=args.liveness or None, settings=settings,
+             memo=kopf.Memo(options=options(args, os.environ)))
     return 0
 
 

@@ -19,6 +19,25 @@ DEFAULT_POLL_SECONDS = 5.0
 MIN_POLL_SECONDS = 0.5
 
 
+DEFAULT_METRICS_PORT = 8080
+"""The operator's Prometheus port unless --metrics-port or CHATQ_OPERATOR_METRICS_PORT says
+otherwise (0: no metrics server)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The operator's command line and environment, read once in `__main__` and handed to
+    the handlers in kopf's memo (`memo.options`), never through os.environ."""
+
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_host: str = "0.0.0.0"
+    redis_url: str = ""
+    """CHATQ_REDIS_URL: stands in for a redis queue's url left out of a spec."""
+    busy_redis_url: str = ""
+    """Where workers report busy counts when a spec names no busyRedisUrl and its queue is not
+    a Redis stream (CHATQ_OPERATOR_BUSY_REDIS_URL, else CHATQ_REDIS_URL)."""
+
+
 class InvalidSpec(ValueError):
     """The spec cannot be used; the message says which field and why."""
 
@@ -58,19 +77,9 @@ def parse(spec: Mapping[str, Any], default_busy_redis_url: str = "",
                           "(Deployment only)")
     queue, busy_url = _queue(spec.get("queue") or {}, default_redis_url)
     try:
-        fallback = spec.get("fallbackReplicas")
-        rules = decision.Spec(
-            min_replicas=int(spec.get("minReplicas", 0)),
-            max_replicas=int(spec.get("maxReplicas", 10)),
-            messages_per_replica=int(spec.get("messagesPerReplica", 32)),
-            activation_messages=int(spec.get("activationMessages", 0)),
-            include_in_flight=bool(spec.get("includeInFlight", True)),
-            scale_down_stabilization_seconds=float(spec.get("scaleDownStabilizationSeconds", 60)),
-            idle_seconds_before_zero=float(spec.get("idleSecondsBeforeZero", 300)),
-            fallback_replicas=None if fallback is None else int(fallback),
-            errors_before_fallback=int(spec.get("errorsBeforeFallback", 3)),
-            max_scale_up_step=int(spec.get("maxScaleUpStep", 10)),
-        )
+        rules = decision.Spec(**{
+            field.name: _typed(field, spec[crd_name])
+            for crd_name, field in SPEC_FIELDS.items() if spec.get(crd_name) is not None})
         poll = float(spec.get("pollSeconds", DEFAULT_POLL_SECONDS))
     except (TypeError, ValueError) as exc:
         raise InvalidSpec(f"spec has a field of the wrong type: {exc}") from None
@@ -104,6 +113,24 @@ def batch_lane(queue: sources.QueueRef, suffix: str) -> sources.QueueRef:
         return dataclasses.replace(queue, url=queue.url + suffix if queue.url else "",
                                    name=queue.name + suffix if queue.name else "")
     return dataclasses.replace(queue, stream=queue.stream + suffix)
+
+
+def _crd_name(field_name: str) -> str:
+    head, *rest = field_name.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+SPEC_FIELDS: dict[str, dataclasses.Field[Any]] = {
+    _crd_name(f.name): f for f in dataclasses.fields(decision.Spec)}
+"""The spec's scaling fields by their CRD name (camelCase of decision.Spec's): the
+defaults are decision.Spec's, and a test holds the CRD's to them."""
+
+
+def _typed(field: dataclasses.Field[Any], value: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool}.get(str(field.type).split(" ")[0], int)
+    if kind is bool and not isinstance(value, bool):
+        raise TypeError(f"{_crd_name(field.name)} must be true or false, not {value!r}")
+    return kind(value)
 
 
 def _queue(queue: Mapping[str, Any], default_redis_url: str) -> tuple[sources.QueueRef, str]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import kopf
 
-from chatq_operator import config, kube, scaler, sources, telemetry
+from chatq_operator import config, kube, metrics, scaler, sources
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.INFO  # our kopf.event() calls; kopf's own logs stay off
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
-    port = int(os.environ.get("CHATQ_OPERATOR_METRICS_PORT", "8080"))
-    telemetry.serve(port, os.environ.get("CHATQ_OPERATOR_METRICS_HOST", "0.0.0.0"))
-    redis_url = os.environ.get("CHATQ_REDIS_URL", "")
-    busy_url = os.environ.get("CHATQ_OPERATOR_BUSY_REDIS_URL") or redis_url
-    memo.runtime = Runtime(kube.Kube.connect(), sources.Sources(), busy_url, redis_url)
-    log.info("chatq operator started: metrics on port %s", port or "(off)")
+    options: config.Options = memo.get("options") or config.Options()
+    metrics.serve(options.metrics_port, options.metrics_host)
+    memo.runtime = Runtime(kube.Kube.connect(), sources.Sources(),
+                           options.busy_redis_url or options.redis_url, options.redis_url)
+    log.info("chatq operator started: metrics on port %s", options.metrics_port or "(off)")
 
 
 @kopf.on.cleanup()
@@ -94,5 +92,5 @@ async def poll(namespace: str | None, name: str, body: kopf.Body, stopped: kopf.
                 logger.exception("QueueScaler %s/%s: the poll failed", namespace, name)
             await stopped.wait(delay)
     finally:
-        telemetry.forget(namespace, name)
+        metrics.forget(namespace, name)
         logger.info("stopped polling QueueScaler %s/%s (%s)", namespace, name, stopped.reason)

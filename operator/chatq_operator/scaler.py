@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from chatq_operator import config, decision, kube, sources, status, telemetry
+from chatq_operator import config, decision, kube, metrics, sources, status
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,19 @@ class Scaler:
                 f"Deployment {cfg.target} does not exist in {self.namespace}")])
             return cfg.poll_seconds
         await self._poll_target(cfg, scale, current, generation)
-        telemetry.POLL_SECONDS.labels(self.namespace, self.name).observe(self.clock() - started)
+        metrics.POLL_SECONDS.labels(self.namespace, self.name).observe(self.clock() - started)
         return cfg.poll_seconds
 
     async def _poll_target(self, cfg: config.ScalerConfig, scale: kube.Scale, current: Mapping[str, Any],
                            generation: int) -> None:
-        metrics = await self._read(cfg)
+        depth = await self._read(cfg)
         pods = await self.api.pods(self.namespace, scale.selector)
         busy = await self._busy(cfg, [p.name for p in pods])
         now = self.clock()
         history = (self.history.at(now, scale.replicas) if self.history is not None else
                    decision.History(now, scale.replicas, recommendations=((now, scale.replicas),)))
         cap = await self._budget_cap(cfg)
-        made = decision.decide(metrics, cfg.rules, history, busy, await self._model_down(cfg), cap)
+        made = decision.decide(depth, cfg.rules, history, busy, await self._model_down(cfg), cap)
         self.history = made.history
         if made.replicas < scale.replicas:
             await self._protect_busy(pods, busy or {})
@@ -94,21 +94,21 @@ class Scaler:
                      scale.replicas, made.replicas, made.message)
             await self.api.set_replicas(self.namespace, cfg.target, made.replicas)
             direction = "up" if made.replicas > scale.replicas else "down"
-            telemetry.SCALINGS.labels(self.namespace, self.name, direction).inc()
+            metrics.SCALINGS.labels(self.namespace, self.name, direction).inc()
             self.post("Warning" if made.fallback else "Normal", str(made.reason),
                       f"Deployment {cfg.target}: {scale.replicas} -> {made.replicas} replicas: "
                       f"{made.message}")
             wanted["lastScaleTime"] = status.now_iso()
-        if metrics is not None:
-            wanted.update(visible=metrics.visible, inFlight=metrics.in_flight)
-            telemetry.VISIBLE.labels(self.namespace, self.name).set(metrics.visible)
-            telemetry.IN_FLIGHT.labels(self.namespace, self.name).set(metrics.in_flight)
-        telemetry.DESIRED.labels(self.namespace, self.name).set(made.replicas)
-        telemetry.CURRENT.labels(self.namespace, self.name).set(scale.running)
+        if depth is not None:
+            wanted.update(visible=depth.visible, inFlight=depth.in_flight)
+            metrics.VISIBLE.labels(self.namespace, self.name).set(depth.visible)
+            metrics.IN_FLIGHT.labels(self.namespace, self.name).set(depth.in_flight)
+        metrics.DESIRED.labels(self.namespace, self.name).set(made.replicas)
+        metrics.CURRENT.labels(self.namespace, self.name).set(scale.running)
         busy_pods = sum(1 for n in (busy or {}).values() if n > 0)
-        telemetry.BUSY_PODS.labels(self.namespace, self.name).set(busy_pods)
-        conditions = _conditions(made, metrics)
-        if metrics is not None:
+        metrics.BUSY_PODS.labels(self.namespace, self.name).set(busy_pods)
+        conditions = _conditions(made, depth)
+        if depth is not None:
             conditions.append(status.Condition(
                 "RateLimited", limited, "BudgetCap" if limited else "WithinBudget",
                 made.message if limited else "the rate budget allows the replicas wanted"))
@@ -131,11 +131,11 @@ class Scaler:
             log.warning("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
             if queue is cfg.batch_queue:
                 return None  # no batch lane yet (no batch ever ran): the interactive count stands
-            telemetry.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
+            metrics.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
             return None
         finally:
             if self.readers.reads[queue] > reads:
-                telemetry.QUEUE_READS.labels(str(queue)).inc()
+                metrics.QUEUE_READS.labels(str(queue)).inc()
 
     async def _model_down(self, cfg: config.ScalerConfig) -> bool:
         """The model's health from the workers' Redis; unreadable counts as up (no hold)."""
@@ -155,7 +155,7 @@ class Scaler:
                                                  cfg.rules.messages_per_replica)
         except sources.SourceError as exc:
             log.warning("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
-            telemetry.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
+            metrics.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
             return None
 
     async def _busy(self, cfg: config.ScalerConfig, pods: list[str]) -> dict[str, int] | None:
@@ -166,7 +166,7 @@ class Scaler:
             return await self.readers.busy(cfg.busy_redis_url, pods)
         except sources.SourceError as exc:
             log.warning("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
-            telemetry.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
+            metrics.SOURCE_ERRORS.labels(self.namespace, self.name).inc()
             return None
 
     async def _protect_busy(self, pods: list[kube.Pod], busy: Mapping[str, int]) -> None:
@@ -191,16 +191,16 @@ class Scaler:
         await self.api.patch_status(self.namespace, self.name, patch)
 
 
-def _conditions(made: decision.Decision, metrics: decision.Metrics | None) -> list[status.Condition]:
-    if metrics is None:
+def _conditions(made: decision.Decision, depth: decision.Metrics | None) -> list[status.Condition]:
+    if depth is None:
         return [status.Condition("Ready", False, "SourceError", made.message),
                 status.Condition("Fallback", made.fallback,
                                  "FallbackReplicas" if made.fallback else "Holding", made.message)]
-    waiting = metrics.visible + metrics.in_flight
+    waiting = depth.visible + depth.in_flight
     unknown = made.reason is decision.Reason.BUSY_UNKNOWN
     return [
         status.Condition("Ready", True, "BusyCountsUnknown" if unknown else "Scaling", made.message),
         status.Condition("Active", waiting > 0, "MessagesWaiting" if waiting else "Idle",
-                         f"{metrics.visible} visible, {metrics.in_flight} in flight"),
+                         f"{depth.visible} visible, {depth.in_flight} in flight"),
         status.Condition("Fallback", False, "SourceReadable", "the queue answers"),
     ]

@@ -21,17 +21,14 @@ def test_defaults_match_the_crd() -> None:
         config.GROUP, config.VERSION, config.PLURAL)
     cfg = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {}}})
     rules = cfg.rules
-    assert props["minReplicas"]["default"] == rules.min_replicas
-    assert props["maxReplicas"]["default"] == rules.max_replicas
-    assert props["messagesPerReplica"]["default"] == rules.messages_per_replica
-    assert props["activationMessages"]["default"] == rules.activation_messages
-    assert props["includeInFlight"]["default"] == rules.include_in_flight
-    assert props["scaleDownStabilizationSeconds"]["default"] == rules.scale_down_stabilization_seconds
-    assert props["idleSecondsBeforeZero"]["default"] == rules.idle_seconds_before_zero
-    assert props["errorsBeforeFallback"]["default"] == rules.errors_before_fallback
-    assert props["maxScaleUpStep"]["default"] == rules.max_scale_up_step
+    # Every scaling field of the CRD has decision.Spec's default (the one declaration).
+    assert set(config.SPEC_FIELDS) <= set(props)
+    for crd_name, field in config.SPEC_FIELDS.items():
+        if field.default is None:
+            assert "default" not in props[crd_name], crd_name
+        else:
+            assert props[crd_name]["default"] == field.default, crd_name
     assert props["pollSeconds"]["default"] == cfg.poll_seconds
-    assert "default" not in props["fallbackReplicas"] and rules.fallback_replicas is None
     redis_props = props["queue"]["properties"]["redis"]["properties"]
     assert "default" not in redis_props["url"]  # the operator's CHATQ_REDIS_URL stands in
     assert cfg.queue == sources.RedisQueueRef("redis://redis:6379/0", redis_props["stream"]["default"],
@@ -105,3 +102,29 @@ def test_lanes_count_the_batch_lane_unless_interactive() -> None:
     assert only.batch_queue is None
     with pytest.raises(config.InvalidSpec, match=r"spec\.lanes"):
         config.parse({"targetRef": {"name": "w"}, "lanes": "batch", "queue": {"redis": {}}})
+
+
+def test_messages_per_replica_defaults_to_the_workers_concurrency() -> None:
+    """One number, three places: the worker's concurrency setting, decision.Spec's (and so the
+    CRD's) messagesPerReplica, and the chart's config.worker.concurrency."""
+    from chatq import settings as settings_mod
+
+    values = yaml.safe_load((CRD.parents[1] / "values.yaml").read_text())
+    concurrency = settings_mod.WorkerSettings().concurrency
+    assert decision.Spec().messages_per_replica == concurrency
+    assert values["config"]["worker"]["concurrency"] == concurrency
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("minReplicas", 2, ("min_replicas", 2)),
+    ("includeInFlight", False, ("include_in_flight", False)),
+    ("scaleDownStabilizationSeconds", 7, ("scale_down_stabilization_seconds", 7.0)),
+    ("fallbackReplicas", 1, ("fallback_replicas", 1)),
+    ("fallbackReplicas", None, ("fallback_replicas", None)),
+])
+def test_each_spec_field_reaches_the_decision(field: str, value: Any,
+                                              expected: tuple[str, Any]) -> None:
+    cfg = config.parse({"targetRef": {"name": "w"}, "queue": {"redis": {}}, "maxReplicas": 5,
+                        field: value})
+    assert getattr(cfg.rules, expected[0]) == expected[1]
+    assert type(getattr(cfg.rules, expected[0])) is type(expected[1])
