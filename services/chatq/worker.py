@@ -70,8 +70,12 @@ class JobSink:
             await self.store.append_delta(self.job_id, text, self.attempt)
 
     async def restart(self, attempt: int) -> None:
+        # `attempt` counts this delivery's model calls; the job's own count (what the
+        # events and the record say) spans every delivery, so the store numbers it.
         self._pending = []
         self.attempt = await self.store.start_attempt(self.job_id)
+        log.debug("job %s: call %d of this delivery is attempt %d", self.job_id, attempt,
+                  self.attempt)
 
     def attempt_failed(self, attempt: int, error: errors.ChatqError) -> None:
         # Kept on the job when it ends, so its attempts say what happened.

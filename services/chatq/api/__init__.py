@@ -174,8 +174,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = results.Store.from_settings(settings.redis)
     queue = open_queue(settings)
     waiter = results.DoneWaiter(store.redis)
-    # The health routes read these one by one; the chat routes get all in one Services.
-    app.state.store, app.state.queue, app.state.waiter = store, queue, waiter
     files_store = filestore.open_store(settings.files)
     cat = catalog.Catalog(store.redis)
     lane = open_queue(settings, lane="batch")

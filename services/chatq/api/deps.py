@@ -87,18 +87,13 @@ async def get_settings(request: Request) -> settings_mod.Settings:
 
 
 async def get_store(request: Request) -> results.Store:
-    store: results.Store = request.app.state.store
+    store: results.Store = request.app.state.services.store
     return store
 
 
 async def get_queue(request: Request) -> Queue:
-    queue: Queue = request.app.state.queue
+    queue: Queue = request.app.state.services.queue
     return queue
-
-
-async def get_waiter(request: Request) -> results.DoneWaiter:
-    waiter: results.DoneWaiter = request.app.state.waiter
-    return waiter
 
 
 # Sync dependencies would run in a thread pool: every one here is async on purpose.
@@ -125,5 +120,4 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[settings_mod.Settings, Depends(get_settings)]
 StoreDep = Annotated[results.Store, Depends(get_store)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
-WaiterDep = Annotated[results.DoneWaiter, Depends(get_waiter)]
 OwnerDep = Annotated[str, Depends(get_owner)]
