@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.servers import free_port  # one helper for every suite; the conftest puts the repo on sys.path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -56,11 +57,6 @@ def bin_dir() -> Path:
     cache = Path(os.environ.get("CHATQ_CACHE") or Path.home() / ".cache" / "chatq")
     return cache / "k8s" / kubernetes_version() / "bin"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def log(message: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests import servers
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("CHATQ_BASE_IMAGE", "chatq-base/python:3.11-bookworm")
@@ -92,12 +92,6 @@ def docker() -> list[str]:
     REPORT["engine"] = f"Docker {info.stdout.strip()}"
     return compose_command()
 
-
-def free_port() -> int:
-    """A TCP port that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def compose_env(**extra: str) -> dict[str, str]:
