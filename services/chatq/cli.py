@@ -52,11 +52,15 @@ def cmd_api(settings: settings_mod.Settings) -> None:
     import uvicorn
 
     from chatq import api
+    from chatq.api import protocol
 
     telemetry.setup(settings, "chatq-api")
     app = api.create_app(settings)
+    # httptools with a header deadline and size cap (chatq.api.protocol); uvicorn's own
+    # timeout_keep_alive (5 s) bounds the idle time between requests.
     uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=int(settings.api.max_wait_seconds) + 5)
+                access_log=False, http=protocol.protocol_for(settings.api),
+                timeout_graceful_shutdown=int(settings.api.max_wait_seconds) + 5)
 
 
 def cmd_worker(settings: settings_mod.Settings) -> None:

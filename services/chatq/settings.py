@@ -73,6 +73,13 @@ class ApiSettings(_Group):
     Empty (the default) leaves the API open, which it logs at start."""
     max_body_bytes: int = 64 * 1024
     """Largest accepted request body in bytes; larger gets 413. Default 65536."""
+    header_timeout_seconds: float = Field(10.0, gt=0)
+    """How long a client may take to send a request's line and headers, from the
+    connection's first byte or the request's; past it, 408 and the connection closes
+    (slowloris). Default 10 s."""
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    """Largest request line plus headers in bytes; larger gets 431 and the connection
+    closes. Default 32768."""
     max_wait_seconds: float = 60.0
     """Upper bound of `?wait=` long-polls, in seconds. Default 60."""
     response_wait_seconds: float = 600.0

@@ -1,0 +1,131 @@
+"""Hostile clients against one real api process: slowloris headers, header floods, bodies
+over the limit or trickling in, malformed JSON.
+
+Each case checks the api's limit (408, 431, 413, 400: a 4xx, never a 500 or a hang) and
+that another client is served meanwhile: its question is accepted and answered while the
+hostile connections are open. The header limits are uvicorn's missing ones, added by
+chatq.api.protocol (CHATQ_API_HEADER_TIMEOUT_SECONDS, CHATQ_API_MAX_HEADER_BYTES); the
+body limit is CHATQ_API_MAX_BODY_BYTES. Many SSE streams that are never read are not here
+yet: see the README's "Guarantees" for what was measured and is still open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from tests.conftest import Stack, StackFactory
+from tests.integration.test_service import ask, wait_done
+
+HEADER_TIMEOUT = 2.0
+LIMITS = {"CHATQ_API_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT)}
+
+
+def connect(stack: Stack) -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", stack.api.port))
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (the socket's timeout bounds the wait)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def served_meanwhile(stack: Stack) -> None:
+    """Another client, on its own connections: a question accepted and answered."""
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        assert http.get("/healthz").status_code == 200
+        assert wait_done(http, ask(http, "an honest client"))["status"] == "succeeded"
+
+
+@contextlib.contextmanager
+def dribbling(socks: list[socket.socket], every: float = 0.3) -> Iterator[None]:
+    """Send one more header byte on every socket each `every` seconds, never finishing."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every):
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    s.send(b"a")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def test_slowloris_headers_get_408_and_others_are_served(stack_factory: StackFactory) -> None:
+    stack = stack_factory("redis", workers=1, **LIMITS)
+    socks = [connect(stack) for _ in range(50)]
+    idle = [connect(stack) for _ in range(10)]  # connected, never a byte sent
+    try:
+        for s in socks:
+            s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: chatq\r\nX-Slow: ")
+        with dribbling(socks):
+            served_meanwhile(stack)
+            started = time.monotonic()
+            answers = [read_all(s) for s in socks + idle]
+        # Every one is answered 408 and closed once its headers are late; a client that is
+        # kept past the deadline would make read_all wait on, up to its 10 s timeout.
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), {a[:40] for a in answers}
+        print(f"\n60 slow connections closed with 408 within {time.monotonic() - started:.1f}s "
+              f"(header timeout {HEADER_TIMEOUT}s)")
+        served_meanwhile(stack)
+    finally:
+        for s in socks + idle:
+            s.close()
+
+
+def test_header_flood_gets_431(stack_factory: StackFactory) -> None:
+    stack = stack_factory("redis", workers=1, **LIMITS)
+    with connect(stack) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: chatq\r\n")
+        # 40 KB of headers, then silence: the server has read all of it when it answers and
+        # closes, so the close is a FIN after the 431 (unread bytes would make it a reset).
+        for i in range(40):
+            s.sendall(f"X-Filler-{i}: {'y' * 1000}\r\n".encode())
+        assert read_all(s).startswith(b"HTTP/1.1 431 ")
+    served_meanwhile(stack)
+
+
+def test_bodies_over_the_limit_trickling_or_malformed(stack_factory: StackFactory) -> None:
+    stack = stack_factory("redis", workers=1, CHATQ_API_MAX_BODY_BYTES="4096", **LIMITS)
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        # Chunked, no Content-Length: refused once the limit is passed while it streams in.
+        def chunks() -> Iterator[bytes]:
+            yield b'{"message": "'
+            for _ in range(100):
+                yield b"x" * 1000
+            yield b'"}'
+
+        resp = http.post("/v1/chat", content=chunks(), headers={"Content-Type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "too_large", resp.text
+        # OpenAI's routes refuse in OpenAI's error shape.
+        resp = http.post("/v1/responses", content=b"{" * 10_000,
+                         headers={"Content-Type": "application/json"})
+        assert resp.status_code == 413 and resp.json()["error"]["type"] == "invalid_request_error"
+        for body in (b'{"message": "unterminated', b"\xff\xfe\x00", b"[1, 2", b'{"message": 1e999999}'):
+            resp = http.post("/v1/chat", content=body, headers={"Content-Type": "application/json"})
+            assert 400 <= resp.status_code < 500 and "error" in resp.json(), (body, resp.text)
+            resp = http.post("/v1/responses", content=body, headers={"Content-Type": "application/json"})
+            assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    # A body trickling in holds its own connection only (at most the body limit in memory).
+    with connect(stack) as s:
+        s.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: chatq\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 4000\r\n\r\n{\"message\": \"")
+        with dribbling([s], every=0.2):
+            served_meanwhile(stack)
