@@ -271,6 +271,17 @@ redis.call('ZREM', KEYS[6], ARGV[2])
 return CANCELLED
 """
 
+# Lua: change one field of a job record only while the record exists, so a late write
+# (a worker still busy with a job the client just deleted) cannot leave a stub hash
+# behind. ARGV: 'incr' or 'set', field, value. Returns the new count (incr), 1 (set), or
+# false when the record is gone.
+_UPDATE_IF_EXISTS = """
+if redis.call('HEXISTS', KEYS[1], 'status') == 0 then return false end
+if ARGV[1] == 'incr' then return redis.call('HINCRBY', KEYS[1], ARGV[2], 1) end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+return 1
+"""
+
 # Lua: give a running job back (worker shutting down): queued again, lease dropped.
 _RELEASE = _lua_prelude() + """
 if redis.call('HGET', KEYS[1], '_lease') ~= ARGV[1] then return 'lost' end
@@ -386,6 +397,7 @@ class Store:
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._release = client.register_script(_RELEASE)
+        self._update = client.register_script(_UPDATE_IF_EXISTS)
         self._pick_stale = client.register_script(_PICK_STALE)
         self._abandon = client.register_script(_ABANDON)
         self._create_line = client.register_script(_CREATE_LINE)
@@ -444,7 +456,7 @@ class Store:
             for job_id in job_ids:
                 pipe.hgetall(job_key(job_id))
             replies = await pipe.execute()
-        return [jobs.JobRecord.from_redis(raw) if raw else None for raw in replies]
+        return [jobs.JobRecord.from_redis(raw) if "status" in raw else None for raw in replies]
 
     @redis_client.translate_errors
     async def remember_idempotency(self, owner: str, key: str, fingerprint: str,
@@ -471,7 +483,7 @@ class Store:
     async def get(self, job_id: str) -> jobs.JobRecord | None:
         """The job record, or None when unknown or expired."""
         raw = cast(dict[str, str], await self.redis.hgetall(job_key(job_id)))
-        return jobs.JobRecord.from_redis(raw) if raw else None
+        return jobs.JobRecord.from_redis(raw) if "status" in raw else None
 
     @redis_client.translate_errors
     async def cancel(self, job_id: str) -> str:
@@ -532,7 +544,9 @@ class Store:
     @redis_client.translate_errors
     async def start_attempt(self, job_id: str) -> int:
         """A retry of the model call begins: count it and tell stream readers."""
-        attempt = await self.redis.hincrby(job_key(job_id), "attempts", 1)
+        attempt = await self._update(keys=[job_key(job_id)], args=["incr", "attempts", ""])
+        if attempt is None:
+            return 0  # deleted meanwhile: the next heartbeat stops this worker
         await self.redis.xadd(events_key(job_id), {"type": "attempt",
                                                    "data": json.dumps({"attempt": attempt})})
         return int(attempt)
@@ -568,7 +582,7 @@ class Store:
     async def count_requeue(self, job_id: str) -> int:
         """Count one more requeue of a stale job (before its new message is sent, so a
         worker that takes the job off that message at once cannot make it uncounted)."""
-        return int(await self.redis.hincrby(job_key(job_id), "_requeues", 1))
+        return int(await self._update(keys=[job_key(job_id)], args=["incr", "_requeues", ""]) or 0)
 
     @redis_client.translate_errors
     async def abandon(self, job_id: str, stale_seconds: float, action: str,
@@ -586,7 +600,8 @@ class Store:
     @redis_client.translate_errors
     async def note_budget_wait(self, job_id: str, seconds: float) -> None:
         """How long the job waited for the rate budget (shown with its timestamps)."""
-        await self.redis.hset(job_key(job_id), "budget_wait_seconds", f"{seconds:.3f}")
+        await self._update(keys=[job_key(job_id)],
+                           args=["set", "budget_wait_seconds", f"{seconds:.3f}"])
 
     @redis_client.translate_errors
     async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int) -> None:

@@ -56,9 +56,9 @@ async def parts(redis_server: servers.Server, llmsim: servers.Server) -> AsyncIt
     settings = settings_mod.Settings(
         redis=settings_mod.RedisSettings(url=redis_server.url),
         queue=settings_mod.QueueSettings(name=f"inproc-{uuid.uuid4().hex[:6]}",
-                                         visibility_seconds=2),
+                                         visibility_seconds=3),
         llmsim=settings_mod.LlmsimSettings(port=llmsim.port),
-        worker=settings_mod.WorkerSettings(concurrency=4, heartbeat_seconds=0.2,
+        worker=settings_mod.WorkerSettings(concurrency=4, heartbeat_seconds=0.5,
                                            grace_seconds=5, janitor_seconds=0))
     store = results.Store.from_settings(settings.redis)
     queue = queues.open_queue(settings, consumer="submitter")
@@ -105,11 +105,12 @@ async def test_answer_is_written_once_with_its_events(parts: Parts) -> None:
 
 async def test_cancel_mid_stream_stops_the_model_call(parts: Parts) -> None:
     async with running(parts, "w1") as w:
-        job_id = await parts.submit("long llmsim:tokens=400 llmsim:itl_ms=20")
+        job_id = await parts.submit("long llmsim:tokens=50 llmsim:itl_ms=200")
         await parts.until(job_id, lambda r: r.status == jobs.Status.RUNNING, "the job to start")
         assert await parts.store.cancel(job_id) == jobs.Status.CANCELLED.value
-        # The heartbeat hears of it within a beat or two and cancels the model call.
-        await wait(lambda: _idle(w), timeout=5)
+        # The heartbeat hears of it within a beat or two and cancels the model call (the
+        # answer would take 10 s more).
+        await wait(lambda: _idle(w), timeout=15)
     record = await parts.record(job_id)
     assert record.status == jobs.Status.CANCELLED and record.answer is None
     assert (await parts.queue.depth()) == queues.Depth(0, 0)  # the message is done with
@@ -121,12 +122,12 @@ async def _idle(w: worker.Worker) -> bool:
 
 async def test_a_lost_lease_writes_nothing_and_leaves_the_message(parts: Parts) -> None:
     async with running(parts, "w1") as w:
-        job_id = await parts.submit("long llmsim:tokens=400 llmsim:itl_ms=20")
+        job_id = await parts.submit("long llmsim:tokens=50 llmsim:itl_ms=200")
         await parts.until(job_id, lambda r: r.status == jobs.Status.RUNNING, "the job to start")
         # Another holder takes the record over (as after a partition outlasting the lease).
         await parts.store.redis.hset(results.job_key(job_id), mapping={
             "_lease": "thief:1", "_lease_expires_at": "9999999999"})
-        await wait(lambda: _idle(w), timeout=5)
+        await wait(lambda: _idle(w), timeout=15)
     record = await parts.record(job_id)
     assert record.status == jobs.Status.RUNNING and record.answer is None  # nothing written
     # The message was not acked: the queue still has it, for whoever holds the job.
@@ -138,12 +139,13 @@ async def test_a_lost_lease_writes_nothing_and_leaves_the_message(parts: Parts) 
 
 async def test_shutdown_hands_unfinished_jobs_back_and_another_worker_answers(
         parts: Parts) -> None:
-    parts.settings.worker.grace_seconds = 0.3  # far less than the answer takes
+    parts.settings.worker.grace_seconds = 0.3  # far less than the answer takes (10 s)
     async with running(parts, "w1"):
-        job_id = await parts.submit("long llmsim:tokens=200 llmsim:itl_ms=20")
+        job_id = await parts.submit("long llmsim:tokens=50 llmsim:itl_ms=200")
         await parts.until(job_id, lambda r: r.status == jobs.Status.RUNNING, "the job to start")
     handed_back = await parts.record(job_id)
-    assert handed_back.status == jobs.Status.QUEUED, handed_back  # not left `running`
+    assert handed_back.status == jobs.Status.QUEUED, (  # not left `running`, nor cut short
+        handed_back, len((handed_back.answer or "").split()))
     async with running(parts, "w2"):
         done = await parts.until(job_id, lambda r: r.status.terminal, "w2 to answer", 30)
     assert done.status == jobs.Status.SUCCEEDED and done.attempts == 2
@@ -165,3 +167,18 @@ async def test_claim_verdicts(parts: Parts) -> None:
                                                           answer="yes")) == "ok"
     assert (await store.claim(job_id, "b:2", 30)).state == jobs.Status.SUCCEEDED.value
     assert (await store.claim(jobs.new_job_id(), "c:1", 30)).state == "missing"
+
+
+async def test_late_writes_to_a_deleted_job_leave_nothing_behind(parts: Parts) -> None:
+    # A worker still busy with a job its client deleted (DELETE /v1/responses/{id}) must not
+    # leave a stub hash that later reads as a broken record (a 500 instead of a 404).
+    store = parts.store
+    job_id = await parts.submit("x")
+    assert (await store.claim(job_id, "a:1", 30)).state == "ok"
+    await store.delete(job_id)
+    assert await store.start_attempt(job_id) == 0
+    await store.note_budget_wait(job_id, 1.5)
+    assert await store.count_requeue(job_id) == 0
+    assert not await store.redis.exists(results.job_key(job_id))
+    assert await store.get(job_id) is None and await store.get_many([job_id]) == [None]
+    assert await store.renew(job_id, "a:1", 30) == "missing"
