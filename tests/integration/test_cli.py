@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -67,7 +68,14 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         assert ask.returncode == 0 and ask.stdout.startswith(llmsim.PREFIX), ask.stderr
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        try:
+            code = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            # Nothing may outlive the test (its children are in its own session).
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            raise AssertionError("chatq up did not stop within 90 s of Ctrl-C:\n"
+                                 + log.read_text()[-3000:]) from None
     text = log.read_text()
     assert code == 0, text
     assert "stopped." in text
