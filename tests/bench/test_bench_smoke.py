@@ -22,6 +22,7 @@ from tests.servers import REPO, chatq_env
     ("bench.batches", "ratio batch / interactive"),
     ("bench.rate_budget", "ratio chatq / peer (use)"),
     ("bench.peers.run", "ratio chatq / best peer, answers per CPU-s"),
+    ("bench.soak", "ratio answered / accepted"),
 ])
 def test_bench_quick(module: str, ratio_line: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=REPO, env=chatq_env(),
