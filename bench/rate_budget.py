@@ -11,7 +11,10 @@ ways, each against a fresh llmsim (its bucket starts full):
 
 Reported: 429s as a share of model calls, jobs failed, and budget use — successful calls
 per minute while the backlog lasts (between 40% and 90% done, past the first minute's
-burst) over the limit. Then two keys with a 10:1 backlog: the share each gets while both wait.
+burst) over the limit. Then two keys with a 10:1 backlog, through chatq's fair window
+(chatq.fair: the jobs created as the api creates them, an api process running the feeder
+that releases held jobs by key) against its peer, the same backlog on the queue in arrival
+order (FIFO): what B gets for each of A's answers while both wait (1.0 is equal).
 
     .venv/bin/python -m bench.rate_budget [--jobs 2000] [--workers 8] [--quick]
 """
@@ -29,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from chatq import fair as fair_mod
 from chatq import jobs
 
 from bench import harness
@@ -50,9 +54,11 @@ def sim_stats(sim: servers.Server) -> dict[str, int]:
     return data
 
 
-async def preload(env: dict[str, str], owners: list[tuple[str, int]]) -> None:
-    """Queued jobs of each owner, interleaved as they would arrive (a FIFO queue)."""
+async def preload(env: dict[str, str], owners: list[tuple[str, int]], fair: bool = False) -> None:
+    """Queued jobs of each owner, interleaved as they would arrive; `fair`: routed through
+    the fair window as the api routes them (most are held, for the feeder to release)."""
     store, queue = harness.open_store_and_queue(env)
+    window = fair_mod.Fair(store.redis, harness.settings_for(env)) if fair else None
     await queue.setup()
     # Interleaved as they would arrive: with a 10:1 backlog, ten of A's, then one of B's.
     order: list[str] = []
@@ -67,9 +73,14 @@ async def preload(env: dict[str, str], owners: list[tuple[str, int]]) -> None:
     try:
         for start in range(0, len(order), 200):
             chunk = [(jobs.new_job_id(), o) for o in order[start:start + 200]]
-            await asyncio.gather(*(store.create(jobs.JobRecord.queued(i, o, request, "chatq-sim-1", True))
-                                   for i, o in chunk))
-            for i, _ in chunk:  # in order: the queue's order is the arrival order
+            direct = [i for i, _ in chunk]
+            if window is not None:  # one at a time, in arrival order, as they would come
+                direct = [i for i, o in chunk if await window.create(jobs.JobRecord.queued(
+                    i, o, request, "chatq-sim-1", True)) is fair_mod.Route.DIRECT]
+            else:
+                await asyncio.gather(*(store.create(jobs.JobRecord.queued(
+                    i, o, request, "chatq-sim-1", True)) for i, o in chunk))
+            for i in direct:  # in order: the queue's order is the arrival order
                 await queue.send(jobs.encode_message(i), {})
     finally:
         await queue.close()
@@ -125,10 +136,11 @@ async def _tally(store: Any, field: str) -> dict[str, int]:
     return out
 
 
-def run(mode: str, args: argparse.Namespace, owners: list[tuple[str, int]]) -> dict[str, Any]:
+def run(mode: str, args: argparse.Namespace, owners: list[tuple[str, int]],
+        fair: bool = False) -> dict[str, Any]:
     total = sum(n for _, n in owners)
-    harness.say(f"{mode}: {args.workers} workers, {total} jobs, llmsim at {args.rpm} RPM / "
-                f"{args.tpm} TPM")
+    harness.say(f"{mode}{' (fair window)' if fair else ''}: {args.workers} workers, {total} "
+                f"jobs, llmsim at {args.rpm} RPM / {args.tpm} TPM")
     with servers.redis_server() as redis, limited_llmsim(args.rpm, args.tpm) as sim:
         env = servers.chatq_env(
             CHATQ_REDIS_URL=redis.url, CHATQ_QUEUE_BACKEND="redis",
@@ -136,8 +148,9 @@ def run(mode: str, args: argparse.Namespace, owners: list[tuple[str, int]]) -> d
             CHATQ_LLM_BASE_URL=f"{sim.url}/v1", CHATQ_LLM_MODEL="chatq-sim-1",
             CHATQ_LLM_API_KEY="bench", CHATQ_LLM_MAX_ATTEMPTS="6",
             CHATQ_LLM_BACKOFF_BASE_SECONDS="0.5", CHATQ_LLM_BACKOFF_MAX_SECONDS="10",
-            CHATQ_WORKER_CONCURRENCY="32", CHATQ_QUEUE_VISIBILITY_SECONDS="30")
-        asyncio.run(preload(env, owners))
+            CHATQ_WORKER_CONCURRENCY="32", CHATQ_QUEUE_VISIBILITY_SECONDS="30",
+            CHATQ_FAIR_ENABLED=str(fair).lower())
+        asyncio.run(preload(env, owners, fair))
         got: dict[str, Any] = {}
         ready = threading.Event()
         names = tuple(o for o, _ in owners) if len(owners) > 1 else ()
@@ -146,6 +159,8 @@ def run(mode: str, args: argparse.Namespace, owners: list[tuple[str, int]]) -> d
         watcher.start()
         ready.wait(30)
         with contextlib.ExitStack() as stack:
+            if fair:  # the feeder that releases held jobs runs in the api
+                stack.enter_context(servers.chatq_process("api", env, port_var="CHATQ_API_PORT"))
             for i in range(args.workers):
                 wenv = dict(env, CHATQ_TELEMETRY_METRICS_PORT=str(servers.free_port()))
                 if mode == "shared":
@@ -184,9 +199,10 @@ def main() -> None:
     if args.quick:
         args.jobs, args.workers, args.rpm, args.tpm, args.timeout = 90, 2, 60, 6000, 300
     runs = {m: run(m, args, [("open", args.jobs)]) for m in ("shared", "eighths", "none")}
-    fair = run("shared", args, [("key-a", args.jobs * 10 // 11), ("key-b", args.jobs // 11)])
-    served = fair["served"]
-    share_b = served.get("key-b", 0) / max(1, sum(served.values()))
+    backlog = [("key-a", args.jobs * 10 // 11), ("key-b", args.jobs // 11)]
+    fair = {"fair": run("shared", args, backlog, fair=True), "fifo": run("shared", args, backlog)}
+    b_per_a = {k: r["served"].get("key-b", 0) / max(1, r["served"].get("key-a", 0))
+               for k, r in fair.items()}
     rows = [(f"{m}: 429s / calls", f"{r['share_429']:.1%}",
              f"{r['provider_429']} of {r['calls']} calls; {r['failed']} jobs failed")
             for m, r in runs.items()]
@@ -195,9 +211,12 @@ def main() -> None:
     s, e = runs["shared"], runs["eighths"]
     rows.append(("ratio chatq / peer (use)", f"{s['use'] / max(1e-9, e['use']):.2f}",
                  "shared budget over per-process eighths"))
-    rows.append(("10:1 keys: B's share", f"{share_b:.0%}",
-                 f"served while both waited {served} (equal would be 50%)"))
-    harness.report("rate_budget", rows, {"runs": runs, "fairness": fair,
+    for k, label in (("fair", "fair window"), ("fifo", "FIFO peer")):
+        rows.append((f"10:1 keys, {label}: B per A", f"{b_per_a[k]:.2f}",
+                     f"answers while both waited {fair[k]['served']} (1.00 is equal)"))
+    rows.append(("ratio fair / FIFO (B per A)", f"{b_per_a['fair'] / max(1e-9, b_per_a['fifo']):.2f}",
+                 "how much closer to equal the fair window serves a 10:1 backlog"))
+    harness.report("rate_budget", rows, {"runs": runs, "fairness": fair, "b_per_a": b_per_a,
                                          "args": vars(args)})
 
 

@@ -11,6 +11,7 @@ and a function that posts Events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -116,6 +117,8 @@ class Scaler:
 
     async def _read(self, cfg: config.ScalerConfig) -> decision.Metrics | None:
         main = await self._read_one(cfg, cfg.queue)
+        if main is not None and cfg.busy_redis_url:
+            main = dataclasses.replace(main, visible=main.visible + await self._held(cfg))
         if main is None or cfg.batch_queue is None:
             return main
         batch = await self._read_one(cfg, cfg.batch_queue)
@@ -136,6 +139,14 @@ class Scaler:
         finally:
             if self.readers.reads[queue] > reads:
                 metrics.QUEUE_READS.labels(str(queue)).inc()
+
+    async def _held(self, cfg: config.ScalerConfig) -> int:
+        """Jobs the fair window holds back (waiting, not yet on the queue); unreadable: 0."""
+        try:
+            return await self.readers.held(cfg.busy_redis_url)
+        except sources.SourceError as exc:
+            log.debug("QueueScaler %s/%s: %s", self.namespace, self.name, exc)
+            return 0
 
     async def _model_down(self, cfg: config.ScalerConfig) -> bool:
         """The model's health from the workers' Redis; unreadable counts as up (no hold)."""

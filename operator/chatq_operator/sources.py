@@ -1,5 +1,7 @@
 """Queue depth and the workers' busy counts, read at most once per poll per queue.
 
+Jobs chatq's fair window holds back in Redis (`chatq:fair:held`) count as visible too.
+
 Two queue kinds, read through the same depth rules as chatq.queues (`sqs_depth`,
 `stream_depth`): SQS (GetQueueAttributes: ApproximateNumberOfMessages and
 ApproximateNumberOfMessagesNotVisible; an endpoint override reaches ElasticMQ) and a Redis
@@ -172,6 +174,20 @@ class Sources:
                 with contextlib.suppress(ValueError):
                     out[name] = int(value)
         return out
+
+    async def held(self, redis_url: str) -> int:
+        """Interactive jobs chatq's fair window holds back in Redis (chatq.fair): waiting as
+        surely as the queue's visible messages, but not on the queue."""
+        if not redis_url:
+            return 0
+        try:
+            value = await self._redis_client(redis_url).get(results.FAIR_HELD)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise SourceError(f"held jobs at {_safe_url(redis_url)}: {exc}") from None
+        try:
+            return max(0, int(value or 0))
+        except ValueError:
+            return 0
 
     async def model_down(self, redis_url: str) -> bool:
         """Whether the workers' shared circuit breaker (chatq.breaker) says the model is down."""

@@ -9,6 +9,9 @@ cursor, written as job records (fixed ids: feeding a line twice finds the same j
 on the batch lane; the cursor is saved after each chunk, so killing every process loses
 nothing and duplicates at most one chunk's messages, which the workers' claim absorbs.
 Memory is one chunk of lines, whatever the batch's size.
+
+While it holds the lease, the feeder also runs chatq.fair's `Releaser`: interactive jobs
+held back while the queue's window is full go onto the queue key by key, fairly.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from chatq import batches, batchfile, catalog, errors, jobs, results, telemetry
+from chatq import batches, batchfile, catalog, errors, fair, jobs, results, telemetry
 from chatq import settings as settings_mod
 from chatq.filestore import FileStore
 from chatq.queues import Queue
@@ -53,7 +57,7 @@ class Feeder:
 
     def __init__(self, settings: settings_mod.Settings, store: results.Store,
                  cat: catalog.Catalog, files: FileStore, lane: Queue,
-                 notify: Notify | None = None) -> None:
+                 notify: Notify | None = None, releaser: fair.Releaser | None = None) -> None:
         self.settings = settings
         self.cfg = settings.batch
         self.store = store
@@ -61,16 +65,37 @@ class Feeder:
         self.files = files
         self.lane = lane
         self.notify = notify
+        self.releaser = releaser
         self.holder = uuid.uuid4().hex
+        self._leading_until = 0.0
         self._lane_ready = False
 
     async def run(self) -> None:
         """Hold the lease and take rounds; on trouble, log and try again."""
+        releasing = (asyncio.create_task(self.releaser.run(self.leading), name="fair-release")
+                     if self.releaser is not None else None)
+        try:
+            await self._rounds()
+        finally:
+            if releasing is not None:
+                releasing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await releasing
+
+    def leading(self) -> bool:
+        """Whether this process holds the feeder's lease (with a margin before it lapses)."""
+        return time.monotonic() < self._leading_until
+
+    async def _rounds(self) -> None:
         delay = self.cfg.feed_seconds
         while True:
             try:
+                taken = time.monotonic()
                 if await self.catalog.take_feeder_lease(self.holder, LEASE_SECONDS):
+                    self._leading_until = taken + LEASE_SECONDS / 2
                     await self.round()
+                else:
+                    self._leading_until = 0.0
                 delay = self.cfg.feed_seconds
             except errors.ChatqError as exc:
                 log.warning("batch feeder: %s (retrying in %.1fs)", exc, delay)

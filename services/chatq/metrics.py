@@ -20,6 +20,10 @@ http_requests = Counter("chatq_http_requests", "HTTP requests answered.",
 http_latency = Histogram("chatq_http_request_duration_seconds", "HTTP request latency.",
                          ["method", "route", "status"], buckets=LATENCY_BUCKETS)
 jobs_enqueued = Counter("chatq_jobs_enqueued", "Jobs put on the queue.", ["queue"])
+fair_held_jobs = Counter("chatq_fair_held_jobs",
+                         "Interactive jobs held back at creation (the queue's fair window was "
+                         "full, or their key had jobs held), released later by key.")
+fair_held = Gauge("chatq_fair_held", "Interactive jobs held back now, all keys (feeder's view).")
 queue_messages = Gauge("chatq_queue_messages",
                        "Messages in the queue at the last scrape: visible (waiting) or in flight.",
                        ["queue", "state"])

@@ -32,6 +32,15 @@ Every Redis key chatq uses is named here:
 - `chatq:batches:<owner>`    sorted set: one key's batch ids by creation time
 - `chatq:batches:active`     sorted set: batches the feeder still has work for
 - `chatq:batch-feeder`       string: the lease of the one process that feeds batches
+- `chatq:fair:held:<owner>`  list: one API key's interactive job ids held back while the
+                            queue's window is full, oldest first (chatq.fair)
+- `chatq:fair:owners`        set: the keys with a non-empty held list
+- `chatq:fair:held`          string: how many job ids are held, all keys (for the operator)
+- `chatq:fair:released`      set: interactive jobs on the queue or running, not terminal;
+                            finish, cancel and the janitor's fail remove the member
+- `chatq:fair:inflight`      hash: owner -> its members of `chatq:fair:released`
+- `chatq:fair:window`        string: how many may be released at once (the feeder sets it)
+- `chatq:fair:capacity`      hash: worker id -> "<concurrency> <report expiry, unix s>"
 
 A batch line is a job like any other (`chatq:job:<id>`) whose record names its batch;
 finishing it counts it in the batch's `completed` or `failed`, in the same script.
@@ -109,6 +118,20 @@ def file_key(file_id: str) -> str:
 def files_index_key(owner: str) -> str:
     """One API key's files, scored by creation time."""
     return f"chatq:files:{owner}"
+
+
+FAIR_PREFIX = "chatq:fair:held:"
+FAIR_OWNERS = "chatq:fair:owners"
+FAIR_HELD = "chatq:fair:held"
+FAIR_RELEASED = "chatq:fair:released"
+FAIR_INFLIGHT = "chatq:fair:inflight"
+FAIR_WINDOW = "chatq:fair:window"
+FAIR_CAPACITY = "chatq:fair:capacity"
+
+
+def fair_held_key(owner: str) -> str:
+    """One API key's held interactive job ids (chatq.fair), oldest first."""
+    return f"{FAIR_PREFIX}{owner}"
 
 
 BATCH_PREFIX = "chatq:batch:"
@@ -190,6 +213,22 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
 end
 """.replace("EVENTS_MAXLEN", str(WEBHOOK_EVENTS_MAXLEN))
 
+# Lua (a fragment of _FINISH, _CANCEL and _ABANDON): a job that leaves chatq.fair's window
+# frees its slot in the same script, so the feeder can release the next held job at once.
+# RELEASED and INFLIGHT are KEYS entries, JOB a Lua expression; KEYS[1] is the record.
+_FAIR_DONE = """
+if redis.call('SREM', RELEASED, JOB) == 1 then
+  local o = redis.call('HGET', KEYS[1], 'owner') or ''
+  if redis.call('HINCRBY', INFLIGHT, o, -1) <= 0 then redis.call('HDEL', INFLIGHT, o) end
+end
+"""
+
+
+def _fair_done(job: str, released: str, inflight: str) -> str:
+    return (_FAIR_DONE.replace("RELEASED", released).replace("INFLIGHT", inflight)
+            .replace("JOB", job))
+
+
 # Lua: take the job if it is not terminal and no live lease holds it. ARGV: token, lease
 # seconds, ttl, job id. Returns {'ok', <HGETALL>}, {'leased', seconds the lease has left}
 # or {why not}.
@@ -248,7 +287,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('PUBLISH', KEYS[3], ARGV[4])
 redis.call('ZREM', KEYS[6], ARGV[4])
-""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace(
+""" + _fair_done("ARGV[4]", "KEYS[8]", "KEYS[9]") + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace(
     "STATUS", "redis.call('HGET', KEYS[1], 'status')") + """
 return 'ok'
 """
@@ -267,7 +306,8 @@ redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
 redis.call('ZREM', KEYS[6], ARGV[2])
-""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[2]").replace("STATUS", "CANCELLED") + """
+""" + _fair_done("ARGV[2]", "KEYS[7]", "KEYS[8]") + _WEBHOOK_EVENT.replace("JOB", "ARGV[2]").replace(
+    "STATUS", "CANCELLED") + """
 return CANCELLED
 """
 
@@ -343,7 +383,8 @@ redis.call('XADD', KEYS[2], '*', 'type', 'done', 'data', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[4])
-""" + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace("STATUS", "FAILED") + """
+""" + _fair_done("ARGV[4]", "KEYS[7]", "KEYS[8]") + _WEBHOOK_EVENT.replace("JOB", "ARGV[4]").replace(
+    "STATUS", "FAILED") + """
 return 'failed'
 """
 
@@ -491,7 +532,7 @@ class Store:
         done = json.dumps({"status": jobs.Status.CANCELLED.value})
         return str(await self._cancel(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
-                  LEASES_KEY],
+                  LEASES_KEY, FAIR_RELEASED, FAIR_INFLIGHT],
             args=[self.ttl, job_id, _CANCELLED_ERROR.model_dump_json(), done]))
 
     @redis_client.translate_errors
@@ -564,7 +605,7 @@ class Store:
         flat = [x for pair in outcome.to_redis().items() for x in pair]
         return str(await self._finish(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
-                  LEASES_KEY, BATCH_PREFIX],
+                  LEASES_KEY, BATCH_PREFIX, FAIR_RELEASED, FAIR_INFLIGHT],
             args=[token, self.ttl, json.dumps(outcome.done_event()), job_id, *flat]))
 
     # --- the janitor's side ------------------------------------------------------------
@@ -593,7 +634,7 @@ class Store:
         done = jobs.Outcome(status=jobs.Status.FAILED, error=error).done_event()
         return str(await self._abandon(
             keys=[job_key(job_id), events_key(job_id), DONE_CHANNEL, WEBHOOK_ON, WEBHOOK_EVENTS,
-                  LEASES_KEY],
+                  LEASES_KEY, FAIR_RELEASED, FAIR_INFLIGHT],
             args=[action, stale_seconds, self.ttl, job_id, error.model_dump_json(),
                   json.dumps(done)]))
 
@@ -604,14 +645,21 @@ class Store:
                            args=["set", "budget_wait_seconds", f"{seconds:.3f}"])
 
     @redis_client.translate_errors
-    async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int) -> None:
-        """Tell the operator how many jobs this worker holds."""
-        await self.redis.set(busy_key(worker_id), in_flight, ex=max(1, ttl_seconds))
+    async def report_busy(self, worker_id: str, in_flight: int, ttl_seconds: int,
+                          capacity: int = 0) -> None:
+        """Tell the operator how many jobs this worker holds, and the fair feeder (chatq.fair)
+        how many it may hold, until the report expires."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(busy_key(worker_id), in_flight, ex=max(1, ttl_seconds))
+            if capacity:
+                pipe.hset(FAIR_CAPACITY, worker_id, f"{capacity} {time.time() + ttl_seconds:.0f}")
+            await pipe.execute()
 
     @redis_client.translate_errors
     async def clear_busy(self, worker_id: str) -> None:
         """Remove a stopping worker's busy count."""
         await self.redis.delete(busy_key(worker_id))
+        await self.redis.hdel(FAIR_CAPACITY, worker_id)
 
 
 class DoneWaiter:

@@ -318,6 +318,21 @@ class BatchSettings(_Group):
     while more than this many of its `CHATQ_WORKER_CONCURRENCY` slots are free. Default 2."""
 
 
+class FairSettings(_Group):
+    """Fair shares among API keys of interactive work (`/v1/chat`, `/v1/responses`)."""
+
+    enabled: bool = True
+    """Hold a key's new jobs in Redis while the queue's window is full, and release them
+    round-robin by key (chatq.fair); false sends every job to the queue in arrival order.
+    Default true."""
+    spare: int = Field(8, ge=1)
+    """Jobs released beyond the live workers' slots (at least this, or a quarter of the
+    slots), so a worker that frees a slot finds the next job waiting; with no worker
+    reporting, the whole window. Default 8."""
+    round_seconds: float = Field(0.05, gt=0)
+    """How often the feeder releases held jobs into freed room, in seconds. Default 0.05."""
+
+
 class TelemetrySettings(_Group):
     """Metrics and traces; OTLP export itself is configured by the standard OTEL_* vars."""
 
@@ -359,6 +374,7 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = WebhookSettings()
     files: FilesSettings = FilesSettings()
     batch: BatchSettings = BatchSettings()
+    fair: FairSettings = FairSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     log: LogSettings = LogSettings()
 

@@ -362,7 +362,9 @@ class Worker:
                                        record.attempts, job_budget)
         if usage and "total_tokens" in usage:
             # The key's day quota reserved the job's cost at the api: count real usage instead.
-            delta = usage["total_tokens"] - budget.job_cost(request, self.settings)
+            # A batch line reserved nothing (its batch took one token): it adds its usage.
+            reserved = 0 if record.batch_id else budget.job_cost(request, self.settings)
+            delta = usage["total_tokens"] - reserved
             with contextlib.suppress(errors.ChatqError):
                 await quotas.correct(self.store.redis, record.owner,
                                      record.created_at or time.time(), delta)
@@ -542,7 +544,8 @@ class Worker:
         every = self.settings.worker.busy_report_seconds
         while True:
             with contextlib.suppress(errors.ChatqError):
-                await self.store.report_busy(self.id, len(self.tasks), int(every * 3) + 1)
+                await self.store.report_busy(self.id, len(self.tasks), int(every * 3) + 1,
+                                             self.concurrency)
             await asyncio.sleep(every)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:

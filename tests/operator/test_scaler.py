@@ -49,6 +49,7 @@ class FakeSources(sources.Sources):
         super().__init__()
         self.depth: decision.Metrics | None = decision.Metrics(0, 0)
         self.busy_counts: dict[str, int] | None = {}
+        self.held_count: int | None = 0
 
     async def metrics(self, queue: sources.QueueRef, max_age: float) -> decision.Metrics:
         self.reads[queue] += 1
@@ -60,6 +61,11 @@ class FakeSources(sources.Sources):
         if self.busy_counts is None:
             raise sources.SourceError("redis down")
         return {p: n for p, n in self.busy_counts.items() if p in set(pods)}
+
+    async def held(self, redis_url: str) -> int:
+        if self.held_count is None:
+            raise sources.SourceError("redis down")
+        return self.held_count
 
 
 # One lane: FakeSources gives every queue the same depth (the batch lane has its own test).
@@ -105,6 +111,20 @@ async def test_scale_up_patches_status_and_posts_an_event() -> None:
     assert r.condition("Ready")["status"] == "True"
     assert r.condition("Active")["status"] == "True"
     assert r.condition("Fallback")["status"] == "False"
+
+
+async def test_jobs_the_fair_window_holds_count_as_waiting() -> None:
+    """chatq.fair keeps a backlog beyond the window in Redis: the scaler counts it as
+    visible, or it would only ever want the replicas the window (the current slots) needs."""
+    r = rig(2, ["w-a", "w-b"])
+    r.readers.depth = decision.Metrics(2, 8)  # the window: 8 running, 2 waiting on the queue
+    r.readers.held_count = 30
+    await r.poll()
+    assert (r.api.status["visible"], r.api.replicas) == (32, 10)
+    r.readers.held_count = None  # unreadable: the queue's own depth decides, as before
+    r.readers.depth = decision.Metrics(2, 8)
+    await r.poll()
+    assert r.api.status["visible"] == 2
 
 
 async def test_costs_are_written_before_replicas_go_down() -> None:

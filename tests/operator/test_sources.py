@@ -127,3 +127,11 @@ async def test_busy_counts(reader: sources.Sources, rds: aioredis.Redis,
     got = await reader.busy(redis_server.url, ["pod-a", "pod-b", "pod-c", "pod-d"])
     assert got == {"pod-a": 3, "pod-b": 0}
     assert await reader.busy(redis_server.url, []) == {}
+
+
+async def test_held_jobs_of_the_fair_window(reader: sources.Sources, rds: aioredis.Redis,
+                                            redis_server: servers.Server) -> None:
+    assert await reader.held(redis_server.url) == 0  # nothing ever held
+    await rds.set("chatq:fair:held", 7)
+    assert await reader.held(redis_server.url) == 7
+    assert await reader.held("") == 0

@@ -22,6 +22,7 @@ from chatq import (
     catalog,
     dispatcher,
     errors,
+    fair,
     feeder,
     filestore,
     metrics,
@@ -194,15 +195,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     per_key: dict[str, quotas.Quota] = app.state.quotas
     limits = (quotas.Quotas(store.redis, quota_default, per_key)
               if per_key or not quota_default.unlimited else None)
+    window = fair.open_fair(store.redis, settings)
     app.state.services = services = deps.Services(settings, store, queue, waiter, cat, files_store,
-                                                  limits)
+                                                  limits, window)
 
     async def batch_event(event: str, batch: catalog.BatchRecord) -> None:
         await webhooks.emit(store.redis, batch.owner, event, batch.id)
 
     # Every API process runs a feeder candidate; a Redis lease lets one feed at a time.
+    # The same feeder releases held interactive jobs into the queue's fair window.
+    releaser = fair.Releaser(window, queue, settings) if window is not None else None
     feeding = asyncio.create_task(feeder.Feeder(settings, store, cat, files_store, lane,
-                                                batch_event).run(), name="batch-feeder")
+                                                batch_event, releaser).run(), name="batch-feeder")
     try:
         await services.ensure_queue()
     except errors.ChatqError as exc:

@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from chatq import catalog, filestore, results
+from chatq import fair as fair_mod
 from chatq import quotas as quotas_mod
 from chatq import settings as settings_mod
 from chatq.queues import Queue
@@ -64,6 +65,8 @@ class Services:
     file_store: filestore.FileStore
     quotas: quotas_mod.Quotas | None = None
     """Per-key quotas; None when no key has any."""
+    fair: fair_mod.Fair | None = None
+    """The fair window of interactive jobs (chatq.fair); None when CHATQ_FAIR_ENABLED=false."""
     queue_ready: bool = False
     _setup_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 

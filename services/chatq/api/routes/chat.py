@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from chatq import budget, errors, jobs, metrics, quotas, results, telemetry
+from chatq import budget, errors, fair, jobs, metrics, quotas, results, telemetry
 from chatq.api.deps import OwnerDep, Services, ServicesDep, api_error
 
 log = logging.getLogger(__name__)
@@ -86,22 +86,24 @@ async def create_chat(
                                                        jobs.fingerprint(body), job_id)
         if earlier is not None:
             return await _replay(svc, response, owner, idempotency_key, body, *earlier)
-    if svc.quotas is not None:
-        await _admit(svc, svc.quotas, owner, body, response, job_id, idempotency_key or "")
-    record = await svc.store.create(jobs.JobRecord.queued(job_id, owner, body, settings.llm_model,
-                                                          settings.uses_simulator))
-    await enqueue(svc, job_id, owner, idempotency_key or "")
+    response.headers.update(await admit(svc, owner, body, job_id, idempotency_key or ""))
+    record = jobs.JobRecord.queued(job_id, owner, body, settings.llm_model,
+                                   settings.uses_simulator)
+    await submit(svc, record, idempotency_key or "")
     response.headers["Location"] = f"{settings.api.public_url}/v1/chat/{job_id}"
     return JobCreated.of(record)
 
 
-async def _admit(svc: Services, limits: quotas.Quotas, owner: str, body: jobs.ChatRequest,
-                 response: Response, job_id: str, idem_key: str) -> None:
-    """The key's quota: headers on the answer, or 429 (an idempotency binding made for
-    this refused job is let go, so a retry with the same key is a new try)."""
+async def admit(svc: Services, owner: str, body: jobs.ChatRequest, job_id: str = "",
+                idem_key: str = "") -> dict[str, str]:
+    """The key's quota for one job (also /v1/responses): the x-ratelimit-* headers to send,
+    or 429 (an idempotency binding made for this refused job is let go, so a retry with the
+    same key is a new try)."""
+    if svc.quotas is None:
+        return {}
     cost = budget.job_cost(body, svc.settings)
     try:
-        response.headers.update(await limits.admit(owner, cost))
+        return await svc.quotas.admit(owner, cost)
     except quotas.QuotaExceeded as exc:
         if idem_key:
             await svc.store.forget(job_id, owner, idem_key)
@@ -119,6 +121,19 @@ async def _replay(svc: Services, response: Response, owner: str, key: str,
     return JobCreated.of(record)
 
 
+async def submit(svc: Services, record: jobs.JobRecord, idem_key: str = "") -> None:
+    """Write a new job and send it to the queue, or hold it for its key's turn (chatq.fair:
+    the queue's window is full, or the key has jobs held already)."""
+    if svc.fair is None:
+        await svc.store.create(record)
+        await enqueue(svc, record.id, record.owner, idem_key)
+        return
+    if await svc.fair.create(record) is fair.Route.DIRECT:
+        await enqueue(svc, record.id, record.owner, idem_key)
+    else:
+        log.info("job %s held for its key's turn: the queue's window is full", record.id)
+
+
 async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") -> None:
     """Put a created job on the queue, or take its record back and answer 503."""
     queue = svc.queue
@@ -132,6 +147,8 @@ async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") ->
         # Nothing will ever run this job: take the record back so no one waits on it.
         try:
             await svc.store.forget(job_id, owner, idem_key)
+            if svc.fair is not None:
+                await svc.fair.forget(job_id, owner)
         except errors.ChatqError:
             pass
         raise api_error(503, "queue_unavailable",

@@ -56,18 +56,21 @@ async def create_response(body: views.ResponseCreate, owner: OwnerDep,
         raise OpenAIError(400, str(exc), param="input", code="invalid_input") from None
     job_id = jobs.new_job_id()
     settings = svc.settings
-    record = await svc.store.create(jobs.JobRecord.queued(
+    # The key's quota, as on /v1/chat: a refusal is OpenAI's 429 (the SDKs' RateLimitError).
+    limits = await chat.admit(svc, owner, request, job_id)
+    record = jobs.JobRecord.queued(
         job_id, owner, request, settings.llm_model, settings.uses_simulator, kind=views.KIND,
-        view={"background": body.background, "store": body.store}))
-    await chat.enqueue(svc, job_id, owner)
+        view={"background": body.background, "store": body.store})
+    await chat.submit(svc, record)
     if body.stream:
         return StreamingResponse(_stream(svc, record, -1, forget=not body.store),
-                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+                                 media_type="text/event-stream",
+                                 headers={**_SSE_HEADERS, **limits})
     if not body.background:
         record = await chat.wait_terminal(svc, job_id, record, settings.api.response_wait_seconds)
         if not body.store and record.status.terminal:
             await svc.store.delete(job_id)
-    return JSONResponse(views.view(record.model_dump()))
+    return JSONResponse(views.view(record.model_dump()), headers=limits or None)
 
 
 @router.get("/{response_id}", summary="A response; `stream=true` replays and follows its events",
