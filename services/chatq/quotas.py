@@ -1,12 +1,16 @@
 """Per-key API quotas: requests per minute and tokens per UTC day, counted in Redis so all
 api replicas share them.
 
-A request that creates a job takes one request from its key's minute bucket (one minute's
-worth, refilled continuously, as the model budget does) and reserves its cost — prompt
-tokens plus `max_tokens`, counted as the worker will count them — against the key's day.
-When the job succeeds the worker corrects the day by the tokens really used, so the day
-counts usage, not reservations. Over either quota the api answers 429 with `Retry-After`
-and OpenAI's `x-ratelimit-*` headers; every accepted request carries the headers too.
+A request that creates a job (`POST /v1/chat`, `POST /v1/responses`) takes one request
+from its key's minute bucket (one minute's worth, refilled continuously, as the model
+budget does) and reserves its cost — prompt tokens plus `max_tokens`, counted as the worker
+will count them — against the key's day. When the job succeeds the worker corrects the day
+by the tokens really used, so the day counts usage, not reservations. `POST /v1/batches`
+takes one request and one token (so it is refused once the day is used up); each of its
+lines adds the tokens it really used when it has run, to the day of the line's start (a
+batch already running is not stopped by its key's day quota). Over either quota the api
+answers 429 with `Retry-After` and OpenAI's `x-ratelimit-*` headers (in OpenAI's error
+shape on its routes); every accepted request carries the headers too.
 
 Quotas come from settings: `CHATQ_API_KEY_RPM` / `CHATQ_API_KEY_TOKENS_PER_DAY` for every
 key, and `CHATQ_API_QUOTAS` per key (`<key or sha256:hex>=<rpm>/<tokens per day>[/<name>]`,

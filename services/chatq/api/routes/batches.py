@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from chatq import batches, catalog
+from chatq import batches, catalog, quotas
 from chatq.api.deps import OwnerDep, ServicesDep
 from chatq.api.openai_errors import OpenAIError, not_found
 
@@ -31,8 +31,10 @@ class BatchCreate(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = None
 
 
-@router.post("", summary="Create a batch from an uploaded JSONL file")
-async def create_batch(body: BatchCreate, owner: OwnerDep, svc: ServicesDep) -> dict[str, Any]:
+@router.post("", summary="Create a batch from an uploaded JSONL file",
+             responses={429: {"description": "The API key is over its quota (Retry-After)"}})
+async def create_batch(body: BatchCreate, owner: OwnerDep, svc: ServicesDep,
+                       response: Response) -> dict[str, Any]:
     if body.metadata is not None and len(body.metadata) > 16:
         raise OpenAIError(400, "metadata holds at most 16 pairs", param="metadata")
     source = await svc.catalog.get_file(body.input_file_id)
@@ -46,6 +48,14 @@ async def create_batch(body: BatchCreate, owner: OwnerDep, svc: ServicesDep) -> 
         raise OpenAIError(400, f"the file's requests go to {', '.join(other)}, but the batch's "
                           f"endpoint is {body.endpoint}; every line's url must be the endpoint",
                           param="endpoint", code="mismatched_endpoint")
+    if svc.quotas is not None:
+        # One request of the key's minute; of its day, one token now (refused once the day
+        # is used up): each line adds the tokens it really used when it has run.
+        try:
+            response.headers.update(await svc.quotas.admit(owner, 1))
+        except quotas.QuotaExceeded as exc:
+            raise OpenAIError(429, str(exc), code=f"quota_exceeded_{exc.kind}",
+                              headers=exc.headers) from None
     now = catalog.now()
     record = catalog.BatchRecord(
         id=catalog.new_batch_id(), owner=owner, endpoint=body.endpoint,
