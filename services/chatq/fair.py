@@ -6,10 +6,10 @@ spare (`window_size()`) — and a new job goes onto it only while the window has
 its key has nothing held; otherwise its id joins its key's list in Redis
 (`chatq:fair:held:<owner>`). The batch feeder (one process at a time, under its lease)
 releases held jobs into room as it frees up, one slot at a time to the key with the fewest
-jobs released and not yet finished (`release_order()`): the keys with a backlog then hold
-equal parts of the window, and the workers, which take what the queue gives them, serve
-them at equal rates. Within a worker, the rate budget's gate orders its waiters the same
-way (chatq.budget.Gate).
+jobs released so far during its backlog (a deficit round-robin, `release_order()`): the
+keys with a backlog are released to, and so served, at equal rates whatever their backlog
+sizes, and a key that has just arrived goes first. Within a worker, the rate budget's gate
+orders its waiters the same way (chatq.budget.Gate).
 
 Why this and not a fair claim order in the worker: a worker sees only what it received,
 and the queue hands out the head; skipping another key's message means handing it back,
@@ -69,28 +69,31 @@ def window_size(slots: int, spare: int) -> int:
     return max(0, slots) + max(spare, max(0, slots) // 4)
 
 
-def release_order(free: int, held: Mapping[str, int], in_flight: Mapping[str, int]
-                  ) -> dict[str, int]:
-    """How many held jobs of each key to release into `free` slots.
+def release_order(free: int, held: Mapping[str, int], released: Mapping[str, int],
+                  in_flight: Mapping[str, int]) -> list[str]:
+    """Whose held jobs fill `free` slots, slot by slot (the order to send them in).
 
-    Each slot goes to the key, among those with jobs held, with the fewest released and
-    not finished (counting what this call gave it); ties go to the key given fewer in
-    this call, then by name. Keys with backlogs thus converge on equal parts of the window
-    whatever their backlog sizes, and a key that has just arrived is served first.
+    A deficit round-robin by count: each slot goes, among the keys with jobs held, to the
+    one released to least so far during its backlog (`released`; a key not in it starts
+    level with the least of the others), then to the one with fewest jobs on the queue or
+    running, then by name. Counting releases, not only what is in flight, keeps the keys
+    level in service even when one key's jobs wait longer in the queue than another's.
     """
-    heap = [(in_flight.get(owner, 0), 0, owner) for owner, n in held.items() if n > 0]
+    backlogged = {owner: n for owner, n in held.items() if n > 0}
+    floor = min((released[o] for o in backlogged if o in released), default=0)
+    heap = [(released.get(o, floor), in_flight.get(o, 0), o) for o in backlogged]
     heapq.heapify(heap)
-    left = dict(held)
-    out: dict[str, int] = {}
+    left = dict(backlogged)
+    order: list[str] = []
     for _ in range(max(0, free)):
         if not heap:
             break
-        load, given, owner = heapq.heappop(heap)
-        out[owner] = out.get(owner, 0) + 1
+        done, flying, owner = heapq.heappop(heap)
+        order.append(owner)
         left[owner] -= 1
         if left[owner] > 0:
-            heapq.heappush(heap, (load + 1, given + 1, owner))
-    return out
+            heapq.heappush(heap, (done + 1, flying + 1, owner))
+    return order
 
 
 def live_slots(capacity: Mapping[str, str], now: float) -> tuple[int, list[str]]:
@@ -311,6 +314,9 @@ class Releaser:
         self.fair = fair
         self.queue = queue
         self.cfg = settings.fair
+        self.released: dict[str, int] = {}
+        """Jobs released to each key with a backlog, since its backlog began (this feeder's
+        count: a feeder taking over starts everyone level)."""
         self._queue_ready = False
         self._next_window = 0.0
         self._next_prune = 0.0
@@ -341,38 +347,48 @@ class Releaser:
                 log.info("fair window: %d released job(s) had ended or gone unseen", dropped)
         state = await self.fair.state()
         metrics.fair_held.set(sum(state.held.values()))
+        # A key whose backlog ended is forgotten: when it has one again it starts level.
+        self.released = {o: n for o, n in self.released.items() if o in state.held}
         free = state.window - state.released
         if free <= 0 or not state.held:
             return 0
-        released = 0
-        for owner, count in release_order(free, state.held, state.in_flight).items():
-            released += await self.release(owner, count)
+        order = release_order(free, state.held, self.released, state.in_flight)
+        released = await self.release(order)
+        floor = min(self.released.values(), default=0)
+        self.released = {o: n - floor for o, n in self.released.items()}  # keep them small
         return released
 
-    async def release(self, owner: str, count: int) -> int:
-        """Send the first `count` held jobs of a key, then take them off its list."""
+    async def release(self, order: list[str]) -> int:
+        """Send the held jobs `order` names (a key per slot, at most RELEASE_CHUNK each), in
+        that order, then take them off their keys' lists; the number released."""
         if not self._queue_ready:
             await self.queue.setup()
             self._queue_ready = True
+        wanted: dict[str, int] = {}
+        for owner in order:
+            wanted[owner] = min(RELEASE_CHUNK, wanted.get(owner, 0) + 1)
+        heads = {owner: await self.fair.head(owner, n) for owner, n in wanted.items()}
+        floor = min((self.released[o] for o in heads if o in self.released), default=0)
+        sends = []
+        taken = {owner: 0 for owner in heads}
+        for owner in order:
+            if taken[owner] >= len(heads[owner]):
+                continue
+            job_id, status = heads[owner][taken[owner]]
+            taken[owner] += 1
+            self.released[owner] = self.released.get(owner, floor) + 1
+            # A job cancelled (or expired) while held needs no message.
+            if status is not None and status not in results.TERMINAL:
+                with telemetry.producer_span(self.queue.backend, self.queue.name,
+                                             job_id) as carrier:
+                    sends.append(self.queue.send(jobs.encode_message(job_id), carrier))
+        await asyncio.gather(*sends)
+        metrics.jobs_enqueued.labels(self.queue.backend).inc(len(sends))
         released = 0
-        while count > 0:
-            head = await self.fair.head(owner, min(count, RELEASE_CHUNK))
-            if not head:
-                break
-            sends = []
-            for job_id, status in head:
-                # A job cancelled (or expired) while held needs no message.
-                if status is not None and status not in results.TERMINAL:
-                    with telemetry.producer_span(self.queue.backend, self.queue.name,
-                                                 job_id) as carrier:
-                        sends.append(self.queue.send(jobs.encode_message(job_id), carrier))
-            await asyncio.gather(*sends)
-            metrics.jobs_enqueued.labels(self.queue.backend).inc(len(sends))
-            got = await self.fair.commit(owner, [job_id for job_id, _ in head])
-            if got < 0:  # another feeder moved the list: what was sent is sent twice at worst
-                break
-            released += got
-            count -= len(head)
+        for owner, head in heads.items():
+            if head:
+                # -1: another feeder moved the list; what was sent is sent twice at worst.
+                released += max(0, await self.fair.commit(owner, [i for i, _ in head]))
         return released
 
 

@@ -73,7 +73,7 @@ def ten_to_one(a: int) -> list[str]:
     return [k for _ in range(a // 10) for k in ["a"] * 10 + ["b"]]
 
 
-@pytest.mark.timeout(300)  # 1,100 jobs through one worker, on a machine that may be busy
+@pytest.mark.timeout(420)  # 1,100 jobs through one worker, on a machine that may be busy
 @pytest.mark.parametrize(("backend", "fair", "a_jobs"),
                          [(b, True, 1000) for b in BACKENDS] + [("redis", False, 300)])
 def test_two_keys_with_a_ten_to_one_backlog_are_served_equally(

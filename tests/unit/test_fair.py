@@ -17,47 +17,54 @@ def test_window_is_the_slots_and_some_spare(slots: int, spare: int, window: int)
     assert fair.window_size(slots, spare) == window
 
 
-@pytest.mark.parametrize(("free", "held", "in_flight", "want"), [
+@pytest.mark.parametrize(("free", "held", "released", "in_flight", "want"), [
     # Nothing free, nothing given.
-    (0, {"a": 5}, {}, {}),
+    (0, {"a": 5}, {}, {}, []),
     # Nothing held, nothing given, whatever is free.
-    (5, {}, {"a": 3}, {}),
+    (5, {}, {"a": 3}, {"a": 3}, []),
     # One key: all the room, up to what it holds.
-    (5, {"a": 3}, {}, {"a": 3}),
-    # Two keys, a 10:1 backlog, equal in flight: equal shares of the room.
-    (4, {"a": 100, "b": 10}, {"a": 2, "b": 2}, {"a": 2, "b": 2}),
-    # The key with more in flight waits until the other catches up.
-    (3, {"a": 100, "b": 10}, {"a": 6, "b": 2}, {"b": 3}),
-    (6, {"a": 100, "b": 10}, {"a": 6, "b": 2}, {"a": 1, "b": 5}),
-    # A newcomer (nothing in flight) is served first.
-    (1, {"a": 100, "c": 1}, {"a": 4}, {"c": 1}),
+    (5, {"a": 3}, {}, {}, ["a", "a", "a"]),
+    # Two keys, a 10:1 backlog, level: the room alternates between them.
+    (4, {"a": 100, "b": 10}, {"a": 7, "b": 7}, {}, ["a", "b", "a", "b"]),
+    # The key released to more waits until the other catches up, whatever is in flight.
+    (3, {"a": 100, "b": 10}, {"a": 9, "b": 6}, {"a": 0, "b": 6}, ["b", "b", "b"]),
+    (5, {"a": 100, "b": 10}, {"a": 9, "b": 7}, {}, ["b", "b", "a", "b", "a"]),
+    # Level in releases: the one with fewer in flight first.
+    (2, {"a": 100, "b": 10}, {"a": 4, "b": 4}, {"a": 3, "b": 1}, ["b", "a"]),
+    # A newcomer starts level with the least served, and nothing in flight: first.
+    (2, {"a": 100, "b": 50, "c": 1}, {"a": 40, "b": 30}, {"a": 4, "b": 4}, ["c", "b"]),
     # A key that runs out leaves the rest to the others.
-    (5, {"a": 100, "b": 1}, {}, {"a": 4, "b": 1}),
-    # Three keys, equal in flight: the room split round-robin.
-    (6, {"a": 9, "b": 9, "c": 9}, {"a": 1, "b": 1, "c": 1}, {"a": 2, "b": 2, "c": 2}),
-    # In-flight counts of keys with nothing held do not matter.
-    (2, {"a": 5}, {"z": 50}, {"a": 2}),
+    (5, {"a": 100, "b": 1}, {}, {}, ["a", "b", "a", "a", "a"]),
+    # Three keys, level: round-robin.
+    (6, {"a": 9, "b": 9, "c": 9}, {}, {}, ["a", "b", "c", "a", "b", "c"]),
+    # Counts of keys with nothing held do not matter (nor set the floor).
+    (2, {"a": 5}, {"z": 50}, {"z": 50}, ["a", "a"]),
 ])
-def test_release_order_fills_the_least_served_key_first(
-        free: int, held: dict[str, int], in_flight: dict[str, int], want: dict[str, int]) -> None:
-    assert fair.release_order(free, held, in_flight) == want
+def test_release_order_is_a_round_robin_by_jobs_released(
+        free: int, held: dict[str, int], released: dict[str, int], in_flight: dict[str, int],
+        want: list[str]) -> None:
+    assert fair.release_order(free, held, released, in_flight) == want
 
 
-def test_release_order_converges_on_equal_service_for_a_ten_to_one_backlog() -> None:
-    """Simulated: a window of 8; each tick the oldest released job finishes (FIFO, as the
-    queue serves them) and the freed slot is released again. Service per key while both
-    have backlog comes out equal, whatever the start."""
+def test_release_order_serves_a_ten_to_one_backlog_equally_when_one_key_waits_longer() -> None:
+    """Simulated: a window of 6, each tick the oldest released job finishes (FIFO), and
+    within each round A's jobs are queued first (as a key that always wins the send order
+    would be). Service while both have backlog stays level: releases, not what is in
+    flight, decide."""
     held = {"a": 1000, "b": 100}
-    running: list[str] = ["a"] * 8  # the window was filled by A before B arrived
+    released: dict[str, int] = {}
+    queue: list[str] = ["a"] * 6  # the window was filled by A before B arrived
     served = {"a": 0, "b": 0}
     while held["b"] > 0:
-        done = running.pop(0)
-        served[done] += 1
-        in_flight = {k: running.count(k) for k in held}
-        for owner, n in fair.release_order(1, held, in_flight).items():
-            held[owner] -= n
-            running += [owner] * n
-    assert served["a"] - served["b"] <= 8 + 1, served  # only the start's head start
+        for _ in range(2):
+            served[queue.pop(0)] += 1
+        in_flight = {k: queue.count(k) for k in held}
+        order = fair.release_order(2, held, released, in_flight)
+        for owner in sorted(order):  # A first within the round
+            held[owner] -= 1
+            released[owner] = released.get(owner, 0) + 1
+            queue.append(owner)
+    assert abs(served["a"] - served["b"]) <= 6, served  # only the start's head start
 
 
 def test_live_slots_counts_current_reports_and_names_expired_ones() -> None:
