@@ -115,6 +115,14 @@ def test_messages_per_replica_defaults_to_the_workers_concurrency() -> None:
     assert values["config"]["worker"]["concurrency"] == concurrency
 
 
+def test_the_charts_activation_messages_is_the_crds() -> None:
+    """At zero, one waiting job must wake the workers: the chart's activationMessages is the
+    CRD's (decision.Spec's) 0, as "more than this many" means. With the chart's former 1 a lone
+    job sat queued forever under minReplicas 0 (found on real pods, test_real_pods.py)."""
+    values = yaml.safe_load((CRD.parents[1] / "values.yaml").read_text())
+    assert values["worker"]["queueScaler"]["activationMessages"] == decision.Spec().activation_messages == 0
+
+
 @pytest.mark.parametrize(("field", "value", "expected"), [
     ("minReplicas", 2, ("min_replicas", 2)),
     ("includeInFlight", False, ("include_in_flight", False)),
