@@ -12,6 +12,7 @@ Redis, and everything works again once the link heals. Timeouts and leases are s
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -151,3 +152,25 @@ def test_api_cut_from_redis(stack_factory: StackFactory, redis_server: servers.S
             job = wait_done(http, job_id, timeout=40)
             assert job["status"] == "succeeded", job
             one_answer(stack, job_id)
+
+
+def test_api_started_before_its_sqs_queue_turns_ready_once_it_appears(
+        stack_factory: StackFactory, elasticmq: servers.Server) -> None:
+    # ElasticMQ (or SQS's endpoint) coming up after the api, as pods do in any order: the
+    # api must not stay unready for good. A proxy with nothing behind it stands in for the
+    # absent server until it is pointed at the real one.
+    stack = stack_factory("sqs", workers=0)
+    link = servers.FaultyLink(servers.free_port())
+    try:
+        api = stack.start_api(CHATQ_QUEUE_ENDPOINT=f"http://127.0.0.1:{link.port}",
+                              CHATQ_QUEUE_NAME=f"late-{uuid.uuid4().hex[:8]}")
+        early = httpx.get(f"{api.url}/readyz", timeout=60)
+        assert early.status_code == 503 and "queue_unavailable" in early.text, early.text
+        link.target = ("127.0.0.1", elasticmq.port)  # the queue's server is up now
+        servers.wait_for(lambda: httpx.get(f"{api.url}/readyz", timeout=60).status_code == 200,
+                         "the api to turn ready once its queue exists", timeout=60)
+        with stack.client() as http:  # the new api takes questions onto that queue
+            job_id = ask(http, "late queue")
+        assert httpx.get(f"{api.url}/v1/chat/{job_id}").json()["status"] == "queued"
+    finally:
+        link.close()

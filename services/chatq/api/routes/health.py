@@ -11,7 +11,7 @@ from fastapi import APIRouter, Response
 
 from chatq import breaker, errors
 from chatq import metrics as chatq_metrics
-from chatq.api.deps import QueueDep, StoreDep, api_error
+from chatq.api.deps import QueueDep, ServicesDep, StoreDep, api_error
 
 router = APIRouter(tags=["health"])
 
@@ -22,12 +22,16 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Redis and the queue are reachable")
-async def readyz(store: StoreDep, queue: QueueDep) -> dict[str, Any]:
+async def readyz(svc: ServicesDep) -> dict[str, Any]:
+    store, queue = svc.store, svc.queue
     try:
         await store.ping()
     except errors.ChatqError as exc:
         raise api_error(503, "redis_unavailable", str(exc)) from None
     try:
+        # A queue that was not there when the api started (ElasticMQ after the api) is set
+        # up here: an unready api gets no other request that would do it.
+        await svc.ensure_queue()
         depth = await queue.depth()
     except errors.ChatqError as exc:
         raise api_error(503, "queue_unavailable", f"the {queue.backend} queue: {exc}") from None
