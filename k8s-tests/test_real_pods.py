@@ -314,7 +314,8 @@ def test_worker_sigterm_mid_answer_finishes_or_hands_back(release: Release) -> N
 
 def test_worker_sigkill_mid_answer_still_one_answer(release: Release) -> None:
     if release.node.local is None:
-        pytest.skip("SIGKILL from the host needs the local real node")
+        pytest.skip("a cluster from KUBECONFIG (kind) gives the host no PID to SIGKILL; CI runs "
+                    "this on the local real node")
     job_id = running_job(release, "Killed hard")
     pod = release.ready_pods("worker")[0]
     before = release.restarts(pod["metadata"]["name"])
@@ -326,7 +327,8 @@ def test_worker_sigkill_mid_answer_still_one_answer(release: Release) -> None:
 
 def test_frozen_worker_is_restarted_by_the_kubelet(release: Release) -> None:
     if release.node.local is None:
-        pytest.skip("SIGSTOP from the host needs the local real node")
+        pytest.skip("a cluster from KUBECONFIG (kind) gives the host no PID to SIGSTOP; CI runs "
+                    "this on the local real node")
     pod = release.kube.wait_for("a Ready worker", lambda: release.ready_pods("worker"), timeout=120)[0]
     name = pod["metadata"]["name"]
     before = release.restarts(name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Coroutine, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -82,3 +84,19 @@ def translated(convert: Callable[[Exception], ChatqError | None]
         return wrapper
 
     return decorate
+
+
+async def rounds(step: Callable[[], Awaitable[object]], every: float, what: str,
+                 log: logging.Logger) -> None:
+    """Run `step` every `every` seconds until cancelled. One of our errors (Redis or the
+    queue away) is logged and retried with a backoff doubling up to 5 s, so an outage
+    never ends a background loop."""
+    delay = every
+    while True:
+        try:
+            await step()
+            delay = every
+        except ChatqError as exc:
+            log.warning("%s: %s (retrying in %.1fs)", what, exc, delay)
+            delay = min(5.0, delay * 2)
+        await asyncio.sleep(delay)

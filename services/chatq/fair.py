@@ -323,16 +323,11 @@ class Releaser:
 
     async def run(self, leading: Callable[[], bool]) -> None:
         """Rounds while `leading()` (this process holds the feeder's lease), until cancelled."""
-        delay = self.cfg.round_seconds
-        while True:
-            try:
-                if leading():
-                    await self.round()
-                delay = self.cfg.round_seconds
-            except errors.ChatqError as exc:
-                log.warning("fair release: %s (retrying in %.1fs)", exc, delay)
-                delay = min(5.0, delay * 2)
-            await asyncio.sleep(delay)
+        async def step() -> None:
+            if leading():
+                await self.round()
+
+        await errors.rounds(step, self.cfg.round_seconds, "fair release", log)
 
     async def round(self) -> int:
         """One look: refresh the window when due, release into the room; jobs released."""

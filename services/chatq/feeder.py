@@ -87,20 +87,15 @@ class Feeder:
         return time.monotonic() < self._leading_until
 
     async def _rounds(self) -> None:
-        delay = self.cfg.feed_seconds
-        while True:
-            try:
-                taken = time.monotonic()
-                if await self.catalog.take_feeder_lease(self.holder, LEASE_SECONDS):
-                    self._leading_until = taken + LEASE_SECONDS / 2
-                    await self.round()
-                else:
-                    self._leading_until = 0.0
-                delay = self.cfg.feed_seconds
-            except errors.ChatqError as exc:
-                log.warning("batch feeder: %s (retrying in %.1fs)", exc, delay)
-                delay = min(5.0, delay * 2)
-            await asyncio.sleep(delay)
+        async def step() -> None:
+            taken = time.monotonic()
+            if await self.catalog.take_feeder_lease(self.holder, LEASE_SECONDS):
+                self._leading_until = taken + LEASE_SECONDS / 2
+                await self.round()
+            else:
+                self._leading_until = 0.0
+
+        await errors.rounds(step, self.cfg.feed_seconds, "batch feeder", log)
 
     async def round(self) -> None:
         """One look at every active batch."""
