@@ -190,6 +190,10 @@ def cmd_up(settings: settings_mod.Settings) -> None:
     """Redis, llmsim (when no model is configured), api and worker; Ctrl-C stops all."""
     children = _Children(settings.worker.grace_seconds)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # A process started in the background of a non-interactive shell (`cmd &` in a script
+    # or CI) inherits SIGINT ignored, and Python then keeps it ignored: Ctrl-C (or kill
+    # -INT) would never stop chatq up. Ask for it explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _ensure_redis(settings, children)
         api_url = _start_chatq(settings, children)

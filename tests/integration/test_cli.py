@@ -56,8 +56,11 @@ def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         CHATQ_CLIENT_URL=f"http://127.0.0.1:{ports['api']}", CHATQ_CLIENT_API_KEY="unused")
     log = tmp_path / "up.log"
     with log.open("w") as out:
+        # Started with SIGINT ignored, as `chatq up &` in a script or a backgrounded CI job
+        # inherits it: Ctrl-C (SIGINT) must stop it all the same.
         proc = subprocess.Popen([sys.executable, "-m", "chatq", "up"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         servers.wait_for(lambda: "chatq is up" in log.read_text(), "chatq up", 60, proc, log)
         text = log.read_text()
