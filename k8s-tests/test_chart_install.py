@@ -66,16 +66,18 @@ def test_install_test_upgrade_rollback_uninstall(kube: Kube, namespace: str) -> 
     assert f"kubectl -n {namespace} port-forward svc/chatq-api 8000:8000" in installed
     assert "curl -s -X POST http://127.0.0.1:8000/v1/chat" in installed
     assert "answers come from llmsim" in installed
+    # No files.s3.bucket: the file store is the api pod's emptyDir, so one api replica.
+    assert "The api runs 1 replica, not api.replicaCount=2" in installed
     status = deployment_status(kube, namespace)
     assert status == {
-        "chatq-api": (2, 2),
+        "chatq-api": (1, 1),
         "chatq-worker": (1, 1),
         "chatq-operator": (1, 1),
         "chatq-redis": (1, 1),
         "chatq-llmsim": (1, 1),
     }, status
     pods = kube.get("pods", "-n", namespace, "-l", "app.kubernetes.io/instance=chatq")["items"]
-    assert len(pods) == 6
+    assert len(pods) == 5
     for pod in pods:
         assert pod["status"]["phase"] == "Running", pod["metadata"]["name"]
         assert pod["spec"]["nodeName"], f"{pod['metadata']['name']} was never scheduled"
@@ -91,7 +93,8 @@ def test_install_test_upgrade_rollback_uninstall(kube: Kube, namespace: str) -> 
     tested = kube.helm("test", "chatq", "-n", namespace, "--timeout", "150s", timeout=180)
     assert "chatq-test-ask" in tested.stdout and "Succeeded" in tested.stdout, tested.stdout
 
-    # upgrade: more API replicas and another log level; the pods roll because the ConfigMap changed.
+    # upgrade: a shared file store, so more API replicas, and another log level; the pods roll
+    # because the ConfigMap changed. (On kwok no pod opens the bucket.)
     before = kube.get("deployment", "chatq-api", "-n", namespace)
     old_checksum = before["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     kube.helm(
@@ -104,6 +107,8 @@ def test_install_test_upgrade_rollback_uninstall(kube: Kube, namespace: str) -> 
         values,
         "--set",
         "api.replicaCount=3",
+        "--set",
+        "files.s3.bucket=chatq-files",
         "--set",
         "config.log.level=DEBUG",
         "--wait",
@@ -131,13 +136,13 @@ def test_install_test_upgrade_rollback_uninstall(kube: Kube, namespace: str) -> 
         ),
     )
 
-    # rollback to revision 1: two replicas and INFO again.
+    # rollback to revision 1: the local file store, one replica and INFO again.
     kube.helm("rollback", "chatq", "1", "-n", namespace, "--wait", "--timeout", "180s", timeout=240)
     assert helm_revision(kube, namespace) == (3, "deployed")
     assert kube.get("configmap", "chatq", "-n", namespace)["data"]["CHATQ_LOG_LEVEL"] == "INFO"
     kube.wait_for(
-        "the API back at 2 ready replicas",
-        lambda: deployment_status(kube, namespace)["chatq-api"] == (2, 2),
+        "the API back at 1 ready replica",
+        lambda: deployment_status(kube, namespace)["chatq-api"] == (1, 1),
         timeout=90,
     )
 

@@ -51,7 +51,8 @@ def test_defaults_render_the_expected_objects(tools: Tools) -> None:
             "ServiceAccount/chatq-operator",
             "Deployment/chatq-api",
             "Service/chatq-api",
-            "PodDisruptionBudget/chatq-api",
+            # no PodDisruptionBudget/chatq-api: without files.s3.bucket the file store is the
+            # api pod's emptyDir, one replica, and minAvailable 1 would block node drains
             "Deployment/chatq-worker",
             "Service/chatq-worker-metrics",
             "PodDisruptionBudget/chatq-worker",
@@ -82,7 +83,7 @@ def test_every_object_has_the_standard_labels(tools: Tools) -> None:
 
 
 def test_selectors_match_their_pods_and_services(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"dev": {"enabled": False}}))
+    objs = tools.template(values=merged(REDIS, {"dev": {"enabled": False}, "files": {"s3": {"bucket": "b"}}}))
     for deployment in all_of(objs, "Deployment"):
         selector = deployment["spec"]["selector"]["matchLabels"]
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -501,7 +502,8 @@ def test_gateway_api_httproute(tools: Tools) -> None:
 
 
 def test_api_hpa_takes_over_replicas(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"api": {"autoscaling": {"enabled": True, "maxReplicas": 6}}}))
+    objs = tools.template(values=merged(REDIS, {"api": {"autoscaling": {"enabled": True, "maxReplicas": 6}},
+                                                "files": {"s3": {"bucket": "chatq-files"}}}))
     hpa = find(objs, "HorizontalPodAutoscaler", "chatq-api")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",

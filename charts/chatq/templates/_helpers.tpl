@@ -113,8 +113,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.redis.url) (not .Values.redis.existingSecret) (not .Values.dev.enabled) }}
 {{- fail "chatq needs Redis: set redis.url (or redis.existingSecret), or dev.enabled=true for an in-chart Redis" }}
 {{- end }}
-{{- if and (eq .Values.files.store "local") .Values.api.autoscaling.enabled }}
-{{- fail "the local file store lives on one API pod (it runs one replica): turn api.autoscaling off, or use files.store=s3" }}
+{{- if and (eq (include "chatq.filesStore" .) "local") .Values.api.autoscaling.enabled }}
+{{- fail "the local file store (files.store=local, or s3 without files.s3.bucket) lives on one API pod, so the api runs one replica: set files.store=s3 with files.s3.bucket, or turn api.autoscaling off" }}
 {{- end }}
 {{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.graceSeconds) }}
 {{- fail "worker.terminationGracePeriodSeconds must be longer than worker.graceSeconds, or Kubernetes kills workers before they hand their jobs back" }}
