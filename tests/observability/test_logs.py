@@ -23,20 +23,12 @@ from typing import Any
 
 from tests import servers
 from tests.conftest import StackFactory
+from tests.integration.test_service import wait_done
 from tests.observability.conftest import Jaeger, VictoriaLogs
 from tests.observability.test_traces import flatten
 
 QUESTION = "which colour is the sky over the log store"
 OK_JOBS = 3
-
-
-def finish(http: Any, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = http.get(f"/v1/chat/{job_id}", params={"wait": 10}).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def messages(entries: list[dict[str, Any]]) -> list[str]:
@@ -55,7 +47,7 @@ def test_each_jobs_lines_are_found_by_job_id_and_by_the_trace_id_jaeger_holds(
     questions.append(f"{QUESTION} doomed llmsim:fail=400")
     with stack.client() as http:
         ids = [http.post("/v1/chat", json={"message": q}).json()["id"] for q in questions]
-        jobs = {job_id: finish(http, job_id) for job_id in ids}
+        jobs = {job_id: wait_done(http, job_id, timeout=60) for job_id in ids}
     failed = ids[-1]
     assert [jobs[i]["status"] for i in ids] == ["succeeded"] * OK_JOBS + ["failed"], jobs
     code = jobs[failed]["error"]["code"]

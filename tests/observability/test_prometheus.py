@@ -17,11 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests import servers
 from tests.conftest import Stack, StackFactory
+from tests.integration.test_service import wait_done
 from tests.observability.conftest import Prometheus, run
 
 CHART = servers.REPO / "charts" / "chatq"
@@ -63,15 +63,6 @@ def must_be_empty(expr: str) -> bool:
             or "chatq_quota_refusals" in expr)  # and no key has a quota
 
 
-def wait_done(http: httpx.Client, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = http.get(f"/v1/chat/{job_id}", params={"wait": 10}).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def run_known_load(stack: Stack) -> list[str]:
     """5 jobs that succeed, one retried after a 429, one failing for good; returns job ids."""
     with stack.client() as http:
@@ -80,7 +71,7 @@ def run_known_load(stack: Stack) -> list[str]:
         retried = http.post("/v1/chat", json={"message": f"{QUESTION} llmsim:fail=429 llmsim:times=1"})
         failed = http.post("/v1/chat", json={"message": f"{QUESTION} llmsim:fail=400"})
         ids += [retried.json()["id"], failed.json()["id"]]
-        jobs = {job_id: wait_done(http, job_id) for job_id in ids}
+        jobs = {job_id: wait_done(http, job_id, timeout=60) for job_id in ids}
         assert http.get("/v1/chat/00000000000000000000000000000000").status_code == 404
     statuses = [job["status"] for job in jobs.values()]
     assert statuses.count("succeeded") == OK_JOBS + 1 and statuses.count("failed") == 1, statuses
@@ -145,8 +136,8 @@ def test_prometheus_sees_the_known_load(stack_factory: StackFactory,
     with stack.client() as http:
         first = http.post("/v1/chat", json={"message": f"{QUESTION} first"}).json()["id"]
         first_failed = http.post("/v1/chat", json={"message": f"{QUESTION} llmsim:fail=400"}).json()["id"]
-        assert wait_done(http, first)["status"] == "succeeded"
-        assert wait_done(http, first_failed)["status"] == "failed"
+        assert wait_done(http, first, timeout=60)["status"] == "succeeded"
+        assert wait_done(http, first_failed, timeout=60)["status"] == "failed"
         assert http.get("/v1/chat/no-such-job").status_code == 404
     prom.wait_samples("chatq_jobs_finished_total", 2)
     wait_rule(prom, "ChatqDeadLettersGrowing", lambda r: r["state"] in ("pending", "firing"),
