@@ -304,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "ask":
-        cmd_ask(args)
+        try:
+            cmd_ask(args)
+        except BrokenPipeError:
+            # `chatq ask ... | head`: the reader left. Python's documented remedy: point stdout
+            # at devnull so the interpreter's final flush does not raise again, and exit quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         return
     settings = _load_settings()
     telemetry.configure_logging(settings.log)

@@ -33,6 +33,20 @@ def test_ask_streams_the_answer(stack_factory: StackFactory) -> None:
     assert polled.returncode == 0 and polled.stdout.startswith(llmsim.PREFIX)
 
 
+def test_ask_into_a_reader_that_leaves_exits_quietly(stack_factory: StackFactory) -> None:
+    """`chatq ask ... | head -c 20`: no BrokenPipeError traceback once the reader is gone."""
+    stack = stack_factory("redis")
+    env = servers.chatq_env(CHATQ_CLIENT_URL=stack.url)
+    proc = subprocess.Popen([sys.executable, "-m", "chatq", "ask", "a long one llmsim:tokens=300"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(20).startswith(llmsim.PREFIX[:20].encode())
+    proc.stdout.close()  # as head does: the rest of the answer meets a closed pipe
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
+
+
 def test_ask_reports_failures_clearly(stack_factory: StackFactory) -> None:
     stack = stack_factory("redis", CHATQ_API_KEYS="secret", CHATQ_LLM_MAX_ATTEMPTS="1")
     env = servers.chatq_env(CHATQ_CLIENT_URL=stack.url, CHATQ_CLIENT_API_KEY="secret")
