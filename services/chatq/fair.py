@@ -69,19 +69,34 @@ def window_size(slots: int, spare: int) -> int:
     return max(0, slots) + max(spare, max(0, slots) // 4)
 
 
+def level_start(held: Mapping[str, int], released: Mapping[str, int],
+                in_flight: Mapping[str, int]) -> dict[str, int]:
+    """`released` for every key with jobs held: a key whose backlog begins starts level with
+    the least served of the others, served meaning released less what is still in flight,
+    and its own jobs in flight (let straight in while the window had room) count as
+    released. So the jobs a key already had in the window when the backlogs began are
+    weighed, and another key catches up on them: two keys arriving together 10:1 are served
+    equally from the start, instead of the larger one keeping its first window's head start."""
+    backlogged = [owner for owner, n in held.items() if n > 0]
+    base = min((released[o] - in_flight.get(o, 0) for o in backlogged if o in released),
+               default=0)
+    return {o: released[o] if o in released else base + in_flight.get(o, 0)
+            for o in backlogged}
+
+
 def release_order(free: int, held: Mapping[str, int], released: Mapping[str, int],
                   in_flight: Mapping[str, int]) -> list[str]:
     """Whose held jobs fill `free` slots, slot by slot (the order to send them in).
 
     A deficit round-robin by count: each slot goes, among the keys with jobs held, to the
-    one released to least so far during its backlog (`released`; a key not in it starts
-    level with the least of the others), then to the one with fewest jobs on the queue or
-    running, then by name. Counting releases, not only what is in flight, keeps the keys
-    level in service even when one key's jobs wait longer in the queue than another's.
+    one released to least so far during its backlog (`released`; a key not in it starts as
+    `level_start` says), then to the one with fewest jobs on the queue or running, then by
+    name. Counting releases, not only what is in flight, keeps the keys level in service
+    even when one key's jobs wait longer in the queue than another's.
     """
     backlogged = {owner: n for owner, n in held.items() if n > 0}
-    floor = min((released[o] for o in backlogged if o in released), default=0)
-    heap = [(released.get(o, floor), in_flight.get(o, 0), o) for o in backlogged]
+    start = level_start(held, released, in_flight)
+    heap = [(start[o], in_flight.get(o, 0), o) for o in backlogged]
     heapq.heapify(heap)
     left = dict(backlogged)
     order: list[str] = []
@@ -343,7 +358,7 @@ class Releaser:
         state = await self.fair.state()
         metrics.fair_held.set(sum(state.held.values()))
         # A key whose backlog ended is forgotten: when it has one again it starts level.
-        self.released = {o: n for o, n in self.released.items() if o in state.held}
+        self.released = level_start(state.held, self.released, state.in_flight)
         free = state.window - state.released
         if free <= 0 or not state.held:
             return 0
@@ -363,7 +378,6 @@ class Releaser:
         for owner in order:
             wanted[owner] = min(RELEASE_CHUNK, wanted.get(owner, 0) + 1)
         heads = {owner: await self.fair.head(owner, n) for owner, n in wanted.items()}
-        floor = min((self.released[o] for o in heads if o in self.released), default=0)
         sends = []
         taken = {owner: 0 for owner in heads}
         for owner in order:
@@ -371,7 +385,7 @@ class Releaser:
                 continue
             job_id, status = heads[owner][taken[owner]]
             taken[owner] += 1
-            self.released[owner] = self.released.get(owner, floor) + 1
+            self.released[owner] = self.released.get(owner, 0) + 1
             # A job cancelled (or expired) while held needs no message.
             if status is not None and status not in results.TERMINAL:
                 with telemetry.producer_span(self.queue.backend, self.queue.name,

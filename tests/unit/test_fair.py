@@ -33,6 +33,12 @@ def test_window_is_the_slots_and_some_spare(slots: int, spare: int, window: int)
     (2, {"a": 100, "b": 10}, {"a": 4, "b": 4}, {"a": 3, "b": 1}, ["b", "a"]),
     # A newcomer starts level with the least served, and nothing in flight: first.
     (2, {"a": 100, "b": 50, "c": 1}, {"a": 40, "b": 30}, {"a": 4, "b": 4}, ["c", "b"]),
+    # A newcomer catches up on what the others already have in flight (they will be served
+    # those while it waits): b gets the first 3 slots, then they alternate.
+    (5, {"a": 100, "b": 50}, {"a": 40}, {"a": 3}, ["b", "b", "b", "a", "b"]),
+    # Backlogs that begin together weigh what each already had in the window: 36:4 in
+    # flight from the 10:1 arrival, so b gets the next 32 slots.
+    (33, {"a": 1000, "b": 100}, {}, {"a": 36, "b": 4}, ["b"] * 32 + ["a"]),
     # A key that runs out leaves the rest to the others.
     (5, {"a": 100, "b": 1}, {}, {}, ["a", "b", "a", "a", "a"]),
     # Three keys, level: round-robin.
@@ -54,17 +60,21 @@ def test_release_order_serves_a_ten_to_one_backlog_equally_when_one_key_waits_lo
     held = {"a": 1000, "b": 100}
     released: dict[str, int] = {}
     queue: list[str] = ["a"] * 6  # the window was filled by A before B arrived
+    released = fair.level_start(held, released, {"a": 6})  # as the releaser seeds it
     served = {"a": 0, "b": 0}
     while held["b"] > 0:
         for _ in range(2):
             served[queue.pop(0)] += 1
         in_flight = {k: queue.count(k) for k in held}
+        released = fair.level_start(held, released, in_flight)
         order = fair.release_order(2, held, released, in_flight)
         for owner in sorted(order):  # A first within the round
             held[owner] -= 1
-            released[owner] = released.get(owner, 0) + 1
+            released[owner] += 1
             queue.append(owner)
-    assert abs(served["a"] - served["b"]) <= 6, served  # only the start's head start
+    # Level, A's six jobs in the window before B came included (they were 6 ahead before
+    # level_start weighed them).
+    assert abs(served["a"] - served["b"]) <= 1, served
 
 
 def test_live_slots_counts_current_reports_and_names_expired_ones() -> None:
