@@ -1,11 +1,14 @@
 """The Responses API against `/v1/chat`, in the same run through the same api + one worker:
-`client.responses.create(background=True)` at a steady rate with the official openai SDK,
-then the same rate of `POST /v1/chat`; for every job the overhead beyond model time (answer
-written - created - model time, from the job record). Webhooks are on for both halves (one
-endpoint for every event, a receiver on loopback): delivery latency is arrival at the
+`client.responses.create(background=True)` at a steady rate, and the same rate of
+`POST /v1/chat`, both through one official openai SDK client (`client.post("/chat")` for
+the peer), each job then polled the same way until the client sees it done. The two sides
+alternate in blocks, ABBA, each block drained before the next, so a change in the machine's
+load falls on both. For every job: the overhead beyond model time (answer written - created
+- model time, from the job record). Webhooks are on for both sides (one endpoint for every
+event, a receiver process on loopback, `bench.receiver`): delivery latency is arrival at the
 receiver - the job's end, p50 and p99.
 
-    .venv/bin/python -m bench.responses [--rate 100] [--seconds 20] [--quick]
+    .venv/bin/python -m bench.responses [--rate 100] [--seconds 20] [--block 5] [--quick]
 """
 
 from __future__ import annotations
@@ -13,65 +16,81 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 import time
 import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, cast
 
-import httpx
 import openai
 from chatq import results, webhooks
 
-from bench import harness
+from bench import harness, receiver
 from bench.overhead import percentile
 from tests import servers
 
+#: Seconds between two status polls of one job, the same on both sides.
+POLL_SECONDS = 0.05
 
-async def create_at_rate(url: str, rate: float, seconds: float) -> list[str]:
-    """Open-loop load through the SDK: one background create every 1/rate s."""
-    # The SDK's default retries stay on, as for any user: a keep-alive connection that the
-    # server closed just as a request went out is retried, not counted as a failure.
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=2, timeout=10)
-    ids: list[str] = []
 
-    async def one(i: int) -> None:
-        resp = await client.responses.create(model="chatq-sim-1", background=True,
-                                             input=f"q{i} {uuid.uuid4().hex[:6]}")
-        ids.append(resp.id)
+def sdk_client(url: str) -> openai.AsyncOpenAI:
+    """The one client both sides use, with the SDK's default retries on, as for any user (a
+    keep-alive connection the server closed just as a request went out is retried)."""
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=2, timeout=10)
 
-    tasks = []
+
+async def create_response(client: openai.AsyncOpenAI, i: int) -> str:
+    resp = await client.responses.create(model="chatq-sim-1", background=True,
+                                         input=f"q{i} {uuid.uuid4().hex[:6]}")
+    return resp.id.removeprefix("resp_")
+
+
+async def create_chat(client: openai.AsyncOpenAI, i: int) -> str:
+    # The same SDK client and its request machinery; `object` parses the JSON body only.
+    job = await client.post("/chat", cast_to=object, body={"message": f"q{i} {uuid.uuid4().hex[:6]}"})
+    return str(cast(dict[str, Any], job)["id"])
+
+
+async def response_done(client: openai.AsyncOpenAI, job_id: str) -> bool:
+    resp = await client.responses.retrieve(f"resp_{job_id}")
+    assert resp.status not in ("failed", "cancelled", "incomplete"), resp
+    return resp.status == "completed"
+
+
+async def chat_done(client: openai.AsyncOpenAI, job_id: str) -> bool:
+    job = cast(dict[str, Any], await client.get(f"/chat/{job_id}", cast_to=object))
+    assert job["status"] not in ("failed", "cancelled"), job
+    return bool(job["status"] == "succeeded")
+
+
+SIDES: dict[str, tuple[Callable[[openai.AsyncOpenAI, int], Coroutine[Any, Any, str]],
+                       Callable[[openai.AsyncOpenAI, str], Coroutine[Any, Any, bool]]]] = {
+    "responses": (create_response, response_done), "chat": (create_chat, chat_done)}
+
+
+async def block(client: openai.AsyncOpenAI, side: str, rate: float, seconds: float) -> list[str]:
+    """Open-loop creates at `rate` for `seconds`, then every job polled until the client sees
+    it completed (the same polling on both sides)."""
+    create, done = SIDES[side]
+    tasks: list[asyncio.Task[str]] = []
     start = time.monotonic()
     for i in range(int(rate * seconds)):
         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
-    for rid in ids:  # all of them completed, as the SDK sees them
-        while (await client.responses.retrieve(rid)).status in ("queued", "in_progress"):
-            await asyncio.sleep(0.05)
-    await client.close()
+        tasks.append(asyncio.create_task(create(client, i)))
+    ids = list(await asyncio.gather(*tasks))
+    for job_id in ids:
+        while not await done(client, job_id):
+            await asyncio.sleep(POLL_SECONDS)
     return ids
 
 
-async def post_at_rate(url: str, rate: float, seconds: float) -> list[str]:
-    """Open-loop POST /v1/chat, retried once when a kept-alive connection was closed under it
-    (as the SDK's retries do for the other half)."""
-    ids: list[str] = []
-    async with httpx.AsyncClient(base_url=url, timeout=10, limits=httpx.Limits(
-            max_connections=200, keepalive_expiry=1)) as http:
-        async def one(i: int) -> None:
-            body = {"message": f"q{i} {uuid.uuid4().hex[:6]}"}
-            try:
-                resp = await http.post("/v1/chat", json=body)
-            except httpx.ReadError:
-                resp = await http.post("/v1/chat", json=body)
-            resp.raise_for_status()
-            ids.append(resp.json()["id"])
-
-        tasks = []
-        start = time.monotonic()
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
-    return ids
+def schedule(seconds: float, block_seconds: float) -> list[str]:
+    """Blocks in ABBA order (responses, chat, chat, responses...), `seconds` per side: drift
+    in the machine's load, or a warm-up, falls on both sides alike."""
+    pairs = max(1, round(seconds / block_seconds))
+    return [side for i in range(pairs)
+            for side in (("responses", "chat") if i % 2 == 0 else ("chat", "responses"))]
 
 
 async def overheads(store: results.Store, job_ids: list[str]) -> tuple[list[float], dict[str, float]]:
@@ -85,44 +104,42 @@ async def overheads(store: results.Store, job_ids: list[str]) -> tuple[list[floa
     return out, ended
 
 
-async def wait_chat(url: str, ids: list[str]) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=70) as http:
-        for job_id in ids:
-            job = (await http.get(f"/v1/chat/{job_id}", params={"wait": 60})).json()
-            assert job["status"] == "succeeded", job
-
-
-async def run(rate: float, seconds: float) -> dict[str, list[float]]:
+async def run(rate: float, seconds: float, block_seconds: float) -> dict[str, list[float]]:
     secret = webhooks.new_secret()
     with servers.redis_server() as redis, harness.llmsim(50, 5, 10) as sim, \
-            servers.WebhookReceiver() as receiver:
+            tempfile.TemporaryDirectory(prefix="chatq-bench-") as tmp, \
+            receiver.Receiver(Path(tmp)) as hooks:
         env = servers.chatq_env(
             CHATQ_REDIS_URL=redis.url, CHATQ_LLMSIM_PORT=str(sim.port),
             CHATQ_QUEUE_NAME=f"bench-{uuid.uuid4().hex[:6]}", CHATQ_LOG_LEVEL="WARNING",
             CHATQ_WORKER_CONCURRENCY="64", CHATQ_WEBHOOK_ALLOW_PRIVATE="true",
-            CHATQ_WEBHOOK_ENDPOINTS=json.dumps([{"url": receiver.url(), "secret": secret}]))
+            CHATQ_WEBHOOK_ENDPOINTS=json.dumps([{"url": hooks.url(), "secret": secret}]))
         store = results.Store.from_settings(harness.settings_for(env).redis)
+        ids: dict[str, list[str]] = {"responses": [], "chat": []}
         with servers.chatq_process("api", env, port_var="CHATQ_API_PORT") as api, \
                 servers.chatq_process("worker", env, port_var="CHATQ_TELEMETRY_METRICS_PORT"):
-            harness.say(f"responses: {rate:.0f}/s for {seconds:.0f}s, openai SDK, background...")
-            rids = await create_at_rate(api.url, rate, seconds)
-            harness.say(f"chat: {rate:.0f}/s for {seconds:.0f}s, POST /v1/chat...")
-            chat_ids = await post_at_rate(api.url, rate, seconds)
-            await wait_chat(api.url, chat_ids)
-            resp_ids = [rid.removeprefix("resp_") for rid in rids]
-            mine, ended = await overheads(store, resp_ids)
-            peer, chat_ended = await overheads(store, chat_ids)
+            client = sdk_client(api.url)
+            order = schedule(seconds, block_seconds)
+            each = seconds / (len(order) / 2)
+            for n, side in enumerate(order, 1):
+                harness.say(f"block {n}/{len(order)}: {side}, {rate:.0f}/s for {each:g}s "
+                            "through the openai SDK...")
+                ids[side] += await block(client, side, rate, each)
+            await client.close()
+            mine, ended = await overheads(store, ids["responses"])
+            peer, chat_ended = await overheads(store, ids["chat"])
             ended.update(chat_ended)
             total = len(ended)
             harness.say(f"waiting for {total} webhook deliveries...")
             deadline = time.monotonic() + 60
-            while len(receiver.received()) < total and time.monotonic() < deadline:
+            while len(hooks.arrivals()) < total and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
+            arrivals = hooks.arrivals()
         await store.close()
     latency = []
-    for delivery in receiver.received():
-        data_id = json.loads(delivery.body)["data"]["id"].removeprefix("resp_")
-        latency.append(delivery.at - ended[data_id])
+    for arrival in arrivals:
+        data_id = json.loads(arrival.body)["data"]["id"].removeprefix("resp_")
+        latency.append(arrival.at - ended[data_id])
     if len(latency) < total:
         raise TimeoutError(f"only {len(latency)} of {total} webhooks arrived within 60 s")
     return {"responses_s": mine, "chat_s": peer, "webhook_s": latency}
@@ -132,11 +149,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=100)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--block", type=float, default=5,
+                        help="seconds per block; the sides alternate in ABBA order")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
     args = parser.parse_args()
     if args.quick:
-        args.seconds = 3
-    got = await run(args.rate, args.seconds)
+        args.seconds, args.block = 3, 1.5
+    got = await run(args.rate, args.seconds, args.block)
     mine, peer, hooks = got["responses_s"], got["chat_s"], got["webhook_s"]
     ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
     harness.report("responses", [
