@@ -2,21 +2,24 @@
 
 Reads top-down: `Dispatcher.run()` starts two loops. `fan_out()` reads the event stream as
 a member of one Redis consumer group (so several api processes share it; entries a dead
-dispatcher held are taken over after `CLAIM_IDLE_MS`), writes one delivery per subscribed
-endpoint into the outbox, then acks the entry: an event is acked only once its deliveries
-exist. `deliver()` takes due deliveries from the outbox with a lease (their score moves
-past the attempt's timeout, so a dispatcher that dies mid-attempt leaves them to another)
-and sends each: 2xx ends it; anything else (a timeout, a refused connection, a 5xx, a
-redirect, which is never followed) is retried with jittered backoff until the retry
-window ends, then it goes to the owner's dead-letter list. Targets that resolve to
-loopback, link-local or private addresses are refused unless allowed, and the connection
-goes to the address that was checked (no second lookup to rebind).
+dispatcher held are taken over after `CLAIM_IDLE_MS`), and in one script writes one
+delivery per subscribed endpoint into the outbox and acks the entry: an event is never
+acked without its deliveries. Each new delivery is written leased to this dispatcher (its
+score past the attempt's timeout, so a dispatcher that dies mid-attempt leaves it to
+another) and attempted at once, so a job's webhook leaves as soon as the event is read.
+`deliver()` takes the deliveries that come due again (retries, taken-over leases) from the
+outbox with the same lease. An attempt's 2xx ends it; anything else (a timeout, a refused
+connection, a 5xx, a redirect, which is never followed) is retried with jittered backoff
+until the retry window ends, then it goes to the owner's dead-letter list. Targets that
+resolve to loopback, link-local or private addresses are refused unless allowed, and the
+connection goes to the address that was checked (no second lookup to rebind).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import random
@@ -39,12 +42,34 @@ CLAIM_IDLE_MS = 30_000
 DEAD_LETTERS_KEPT = 1000
 _DEAD_TTL_SECONDS = 30 * 86400
 
-# Lua: create a delivery unless it exists (a re-read event), and make it due now.
-_ENQUEUE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[3])
-return 1
+# Lua: the deliveries of a batch of events, and the events acked and deleted, at once: an
+# event is never acked without its deliveries. A delivery that exists already (an event
+# read again after a claim) is left as it is. KEYS: outbox, event stream, then one delivery
+# key per delivery. ARGV: group, lease score, number of events, their entry ids, then per
+# delivery its id, endpoint, owner, body, first attempt time. Returns 1 per delivery made
+# (now leased to the caller, who attempts it at once), 0 per one left alone.
+_FAN_OUT = """
+local n = tonumber(ARGV[3])
+local made = {}
+local at = 4 + n
+for i = 3, #KEYS do
+  local id = ARGV[at]
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    made[#made + 1] = 0
+  else
+    redis.call('HSET', KEYS[i], 'id', id, 'endpoint', ARGV[at + 1], 'owner', ARGV[at + 2],
+               'body', ARGV[at + 3], 'attempts', 0, 'first_at', ARGV[at + 4])
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    made[#made + 1] = 1
+  end
+  at = at + 5
+end
+if n > 0 then
+  local ids = {unpack(ARGV, 4, 3 + n)}
+  redis.call('XACK', KEYS[2], ARGV[1], unpack(ids))
+  redis.call('XDEL', KEYS[2], unpack(ids))
+end
+return made
 """
 
 # Lua: take up to ARGV[2] deliveries due at ARGV[1], leasing each until ARGV[3].
@@ -66,7 +91,7 @@ class Dispatcher:
         self.consumer = consumer
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
                                       timeout=cfg.timeout_seconds)
-        self._enqueue = client.register_script(_ENQUEUE)
+        self._fan_out_script = client.register_script(_FAN_OUT)
         self._take_due = client.register_script(_TAKE_DUE)
         self._kick = asyncio.Event()
         self._slots = asyncio.Semaphore(cfg.concurrency)
@@ -126,30 +151,49 @@ class Dispatcher:
                 read = cast(list[Any], await self.redis.xreadgroup(
                     GROUP, self.consumer, {results.WEBHOOK_EVENTS: ">"}, count=100, block=1000))
                 entries = [(str(i), dict(f)) for i, f in read[0][1]] if read else []
-            if entries:
-                await self._fan_out_batch(entries)
-            if entries:
-                ids = [i for i, _ in entries]
-                await self.redis.xack(results.WEBHOOK_EVENTS, GROUP, *ids)
-                await self.redis.xdel(results.WEBHOOK_EVENTS, *ids)
+            if not entries:
+                continue
+            wanted, fresh = await self._fan_out_batch(entries)
+            # A fresh delivery is attempted now, with what fan-out already holds: no outbox
+            # poll, no re-read. When every slot is busy it is made due for the deliver loop
+            # instead (its lease would run on while it waited for a slot).
+            later = []
+            for delivery, endpoint in fresh:
+                if len(self._tasks) < self.cfg.concurrency:
+                    await self._start(delivery["id"], delivery, endpoint)
+                else:
+                    later.append(delivery["id"])
+            if later:
+                await self.redis.zadd(results.WEBHOOK_OUTBOX, dict.fromkeys(later, time.time()),
+                                      xx=True)
+            if later or len(fresh) < wanted:
                 self._kick.set()
 
-    async def _fan_out_batch(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        """One delivery per (event, subscribed endpoint), written in one round trip."""
+    async def _fan_out_batch(self, entries: list[tuple[str, dict[str, str]]]
+                             ) -> tuple[int, list[tuple[dict[str, str], webhooks.Endpoint]]]:
+        """One delivery per (event, subscribed endpoint), written and the events acked in one
+        round trip: how many the events call for, and those made now (the others existed),
+        leased to this dispatcher for their first attempt."""
         owners: dict[str, list[webhooks.Endpoint]] = {}
         now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for entry_id, fields in entries:
-                owner = fields.get("owner", "")
-                if owner not in owners:
-                    owners[owner] = await self.endpoints.list(owner)
-                for delivery_id, endpoint_id, body in self._deliveries(entry_id, fields,
-                                                                       owners[owner]):
-                    await self._enqueue(
-                        keys=[results.webhook_delivery_key(delivery_id), results.WEBHOOK_OUTBOX],
-                        args=[now, "id", delivery_id, "endpoint", endpoint_id, "owner", owner,
-                              "body", body, "attempts", 0, "first_at", now], client=pipe)
-            await pipe.execute()
+        keys = [results.WEBHOOK_OUTBOX, results.WEBHOOK_EVENTS]
+        args: list[str | float] = [GROUP, now + self.cfg.timeout_seconds + 30, len(entries),
+                                   *(i for i, _ in entries)]
+        planned: list[tuple[dict[str, str], webhooks.Endpoint]] = []
+        for entry_id, fields in entries:
+            owner = fields.get("owner", "")
+            if owner not in owners:
+                owners[owner] = await self.endpoints.list(owner)
+            by_id = {e.id: e for e in owners[owner]}
+            for delivery_id, endpoint_id, body in self._deliveries(entry_id, fields,
+                                                                   owners[owner]):
+                keys.append(results.webhook_delivery_key(delivery_id))
+                args += [delivery_id, endpoint_id, owner, body, now]
+                planned.append(({"id": delivery_id, "endpoint": endpoint_id, "owner": owner,
+                                 "body": body, "attempts": "0", "first_at": str(now)},
+                                by_id[endpoint_id]))
+        made = cast(list[int], await self._fan_out_script(keys=keys, args=args))
+        return len(planned), [plan for plan, new in zip(planned, made, strict=True) if new]
 
     @staticmethod
     def _deliveries(entry_id: str, fields: dict[str, str], endpoints: list[webhooks.Endpoint]
@@ -178,10 +222,7 @@ class Dispatcher:
             due = cast(list[str], await self._take_due(keys=[results.WEBHOOK_OUTBOX],
                                                        args=[now, 100, lease_until]))
             for delivery_id in due:
-                await self._slots.acquire()
-                task = asyncio.create_task(self._attempt(str(delivery_id)))
-                self._tasks.add(task)
-                task.add_done_callback(self._attempt_done)
+                await self._start(str(delivery_id))
             if due:
                 continue
             self._kick.clear()
@@ -192,20 +233,31 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), wait)
 
+    async def _start(self, delivery_id: str, delivery: dict[str, str] | None = None,
+                     endpoint: webhooks.Endpoint | None = None) -> None:
+        """Start one leased attempt once a slot is free; `delivery` and `endpoint` when the
+        caller has them already (a fresh delivery), else they are read."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._attempt(delivery_id, delivery, endpoint))
+        self._tasks.add(task)
+        task.add_done_callback(self._attempt_done)
+
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook delivery task failed", exc_info=task.exception())
 
-    async def _attempt(self, delivery_id: str) -> None:
+    async def _attempt(self, delivery_id: str, delivery: dict[str, str] | None = None,
+                       endpoint: webhooks.Endpoint | None = None) -> None:
         key = results.webhook_delivery_key(delivery_id)
         try:
-            delivery = cast(dict[str, str], await self.redis.hgetall(key))
-            if not delivery:
-                await self.redis.zrem(results.WEBHOOK_OUTBOX, delivery_id)
-                return
-            endpoint = await self.endpoints.get(delivery["owner"], delivery["endpoint"])
+            if delivery is None:
+                delivery = cast(dict[str, str], await self.redis.hgetall(key))
+                if not delivery:
+                    await self.redis.zrem(results.WEBHOOK_OUTBOX, delivery_id)
+                    return
+                endpoint = await self.endpoints.get(delivery["owner"], delivery["endpoint"])
             if endpoint is None:  # deleted since: nothing to deliver to
                 await self._drop(delivery_id)
                 return
@@ -286,8 +338,12 @@ class Dispatcher:
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses = [str(info[4][0]) for info in infos]
+        try:  # an address already: no lookup (a resolver thread per delivery otherwise)
+            addresses = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                                 type=socket.SOCK_STREAM)
+            addresses = [str(info[4][0]) for info in infos]
         refused = [a for a in addresses if not webhooks.address_allowed(a, self.cfg.allow_private)]
         if not addresses or refused:
             raise webhooks.EndpointRefused(
