@@ -2,7 +2,10 @@
 
 Context managers, so any suite can use them (tests/, k8s-tests/, bench/):
 `redis_server()`, `elasticmq_server()` and `chatq_process(...)`, which runs one `chatq`
-subcommand (api, worker, llmsim) as a real process and waits until it answers.
+subcommand (api, worker, llmsim) as a real process and waits until it answers. And the
+test helpers every suite shares, once: `poll` (until a value holds), `wait_for` (until a
+server answers), `free_port`, `unavailable` (skip, or fail in CI), `ask`/`wait_done`/
+`wait_status` (a /v1/chat job).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -42,6 +46,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+T = TypeVar("T")
+
+
+def poll(fetch: Callable[[], T], until: Callable[[T], object], what: str, timeout: float = 30.0,
+         interval: float = 0.1) -> T:
+    """Call `fetch()` until `until(value)` holds and return that value; on timeout fail with
+    what we waited for and the last value (or the OSError of a server still starting)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = fetch()
+            if until(value):
+                return value
+            last = value
+        except OSError as exc:
+            last = repr(exc)
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {str(last)[-2000:]}")
+        time.sleep(interval)
+
+
+TERMINAL_JOB = ("succeeded", "failed", "cancelled")
+
+
+def ask(http: Any, text: str, **extra: Any) -> str:
+    """POST a question (made unique, so llmsim counts its calls apart); returns the job id."""
+    resp = http.post("/v1/chat", json={"message": f"{text} [{uuid.uuid4().hex[:8]}]", **extra})
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+def wait_done(http: Any, job_id: str, timeout: float = 40) -> dict[str, Any]:
+    """Long-poll a /v1/chat job until it is finished; its record."""
+    job: dict[str, Any] = poll(lambda: http.get(f"/v1/chat/{job_id}", params={"wait": 5}).json(),
+                               lambda job: job["status"] in TERMINAL_JOB,
+                               f"job {job_id} to finish", timeout, interval=0)
+    return job
+
+
+def wait_status(http: Any, job_id: str, status: str, timeout: float = 20) -> None:
+    """Poll a /v1/chat job until its status is `status`."""
+    poll(lambda: http.get(f"/v1/chat/{job_id}").json(), lambda job: job["status"] == status,
+         f"job {job_id} to become {status}", timeout, interval=0.05)
 
 
 def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0,

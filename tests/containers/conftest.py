@@ -188,15 +188,13 @@ class Stack:
 
     def wait_status(self, job_id: str, wanted: set[str], timeout: float) -> dict[str, Any]:
         """Poll the job until its status is one of `wanted`."""
-        deadline = time.monotonic() + timeout
-        job: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+        def fetch() -> dict[str, Any]:
             status, job = self.request("GET", f"/v1/chat/{job_id}")
             assert status == 200, job
-            if job["status"] in wanted:
-                return job
-            time.sleep(0.2)
-        pytest.fail(f"job {job_id} did not reach {wanted} in {timeout}s; last: {job}")
+            return job
+
+        return servers.poll(fetch, lambda job: job["status"] in wanted,
+                            f"job {job_id} to reach {wanted}", timeout, interval=0.2)
 
     def wait_healthy(self, timeout: float = 120) -> None:
         """Wait until nginx answers and the API behind it is ready (Redis and the queue)."""

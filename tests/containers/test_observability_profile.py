@@ -11,16 +11,17 @@ counters in Prometheus. No question text reaches the log store.
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests import servers
 from tests.containers.conftest import Stack, compose_env, free_port, run
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,18 +34,8 @@ def get_json(url: str, data: bytes | None = None) -> Any:
         return json.loads(resp.read())
 
 
-def poll(fetch: Callable[[], Any], ok: Callable[[Any], bool], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fetch()
-            if ok(last):
-                return last
-        except OSError as exc:  # a server in the container still starting
-            last = repr(exc)
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {str(last)[-2000:]}")
+# The stores take their batches in seconds: ask once a second, for up to a minute.
+poll = functools.partial(servers.poll, timeout=60, interval=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from tests import servers
 from tests.containers.conftest import Stack, run
 
 pytestmark = pytest.mark.timeout(900)
@@ -148,10 +149,8 @@ def test_answer_survives_a_killed_worker(stack: Stack) -> None:
     deltas = [json.loads(data) for kind, data in events[last_attempt:] if kind == "delta"]
     assert len(deltas) >= 1
     # Nothing left on the queue: the message was deleted once, not dead-lettered or redelivered.
-    deadline = time.monotonic() + 30
-    while queue_counts(stack) != {"visible": 0, "in_flight": 0} and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert queue_counts(stack) == {"visible": 0, "in_flight": 0}
+    servers.poll(lambda: queue_counts(stack), lambda n: n == {"visible": 0, "in_flight": 0},
+                 "an empty queue", 30, interval=0.5)
 
 
 def test_worker_drains_on_docker_stop(stack: Stack) -> None:

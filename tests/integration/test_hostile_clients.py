@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import httpx
 
 from tests.conftest import Stack, StackFactory
-from tests.integration.test_service import ask, wait_done
+from tests.servers import ask, wait_done
 
 HEADER_TIMEOUT = 2.0
 LIMITS = {"CHATQ_API_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT)}

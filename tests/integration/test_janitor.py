@@ -21,7 +21,8 @@ from chatq.queues import sqs
 
 from tests import servers
 from tests.conftest import BACKENDS, StackFactory
-from tests.integration.test_service import all_events, ask, wait_done
+from tests.integration.test_service import all_events
+from tests.servers import ask, wait_done
 
 T = TypeVar("T")
 FAST_JANITOR = {"CHATQ_WORKER_JANITOR_SECONDS": "0.5", "CHATQ_WORKER_STALE_SECONDS": "2"}

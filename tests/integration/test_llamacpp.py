@@ -9,7 +9,6 @@ of its context: the finish_reason is always `length`, which is what a truncation
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from chatq import client as chatq_client
 
 from tests import llamacpp, servers
 from tests.conftest import Stack, StackFactory
-from tests.integration.test_service import ask, wait_done, wait_status
+from tests.servers import ask, wait_done, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -135,10 +134,8 @@ def test_cancel_mid_stream_stops_the_generation(stack_factory: StackFactory, tin
                     break  # the model is mid-answer
             assert http.post(f"/v1/chat/{job_id}/cancel").json()["status"] == "cancelled"
             # The worker closes the stream, and the server stops generating for it.
-            deadline = time.monotonic() + 20
-            while slots(srv)[0]["is_processing"]:
-                assert time.monotonic() < deadline, "the server kept generating the cancelled answer"
-                time.sleep(0.1)
+            servers.poll(lambda: slots(srv)[0]["is_processing"], lambda busy: not busy,
+                         "the server to stop generating the cancelled answer", 20)
             job = http.get(f"/v1/chat/{job_id}").json()
             assert job["status"] == "cancelled" and job["answer"] is None
             nxt = wait_done(http, ask(http, "next", max_tokens=4))
@@ -159,10 +156,8 @@ def test_the_server_restarted_mid_run_loses_no_job(stack_factory: StackFactory, 
             first.kill()
     with stack.client() as http:
         # While it is gone the model is down, and nothing fails.
-        deadline = time.monotonic() + 20
-        while http.get("/readyz").json()["model"]["state"] != "down":
-            assert time.monotonic() < deadline, "the model was never seen down"
-            time.sleep(0.1)
+        servers.poll(lambda: http.get("/readyz").json()["model"]["state"],
+                     lambda state: state == "down", "the model to be seen down", 20)
         assert not [i for i in ids if http.get(f"/v1/chat/{i}").json()["status"] == "failed"]
         with llamacpp.llama_server(tiny_model, ctx=2048, slots=2, port=port, tmp=tmp_path):
             jobs = [wait_done(http, i, timeout=120) for i in ids]

@@ -171,7 +171,7 @@ async def test_an_unreachable_model_is_unavailable_not_a_failure() -> None:
 
 def test_the_job_keeps_finish_reason_estimated_usage_and_partial_answers(
         stack_factory: StackFactory) -> None:
-    from tests.integration.test_service import ask, wait_done
+    from tests.servers import ask, wait_done
 
     stack = stack_factory("redis", CHATQ_LLM_RETRY_STREAMED_TOKENS="3")
     with stack.client() as http:

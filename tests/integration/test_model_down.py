@@ -18,7 +18,7 @@ import pytest
 
 from tests import servers
 from tests.conftest import Stack, StackFactory
-from tests.integration.test_service import ask, wait_done
+from tests.servers import ask, wait_done
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,10 @@ def readiness(stack: Stack) -> dict[str, Any]:
 
 
 def wait_model(stack: Stack, state: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        model: dict[str, Any] = readiness(stack)["model"]
-        if model["state"] == state:
-            return model
-        time.sleep(0.1)
-    raise AssertionError(f"the model never became {state}: {readiness(stack)}")
+    model: dict[str, Any] = servers.poll(lambda: readiness(stack)["model"],
+                                         lambda m: m["state"] == state,
+                                         f"the model to become {state}", timeout)
+    return model
 
 
 def worker_metric(stack: Stack, line_start: str) -> str:

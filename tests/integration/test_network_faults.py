@@ -21,7 +21,8 @@ from chatq import client as chatq_client
 
 from tests import servers
 from tests.conftest import BACKENDS, StackFactory
-from tests.integration.test_service import all_events, ask, wait_done, wait_status
+from tests.integration.test_service import all_events
+from tests.servers import ask, wait_done, wait_status
 
 # A 1 s Redis timeout makes a silent Redis visible quickly; 3 s leases (the stack's).
 SHORT = {"CHATQ_REDIS_TIMEOUT_SECONDS": "1"}

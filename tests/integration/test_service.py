@@ -19,33 +19,9 @@ from chatq import settings as settings_mod
 
 from tests import servers
 from tests.conftest import BACKENDS, Stack, StackFactory
+from tests.servers import ask, wait_done, wait_status
 
 pytestmark = pytest.mark.parametrize("backend", BACKENDS)
-
-
-def ask(http: httpx.Client, text: str, **extra: Any) -> str:
-    """POST a question (made unique, so llmsim counts its calls apart); returns the id."""
-    resp = http.post("/v1/chat", json={"message": f"{text} [{uuid.uuid4().hex[:8]}]", **extra})
-    assert resp.status_code == 202, resp.text
-    return str(resp.json()["id"])
-
-
-def wait_done(http: httpx.Client, job_id: str, timeout: float = 40) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = http.get(f"/v1/chat/{job_id}", params={"wait": 5}).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}")
-
-
-def wait_status(http: httpx.Client, job_id: str, status: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http.get(f"/v1/chat/{job_id}").json()["status"] == status:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never became {status}")
 
 
 def all_events(stack: Stack, job_id: str) -> list[chatq_client.Event]:

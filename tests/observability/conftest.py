@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -114,27 +113,17 @@ class Prometheus:
     def wait_value(self, expr: str, check: Callable[[float], bool], what: str,
                    timeout: float = 30.0) -> float:
         """Poll until `expr` has a value that passes `check`."""
-        deadline = time.monotonic() + timeout
-        last: float | None = None
-        while time.monotonic() < deadline:
-            last = self.value(expr)
-            if last is not None and check(last):
-                return last
-            time.sleep(0.5)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: "
-                             f"{expr} = {last}\n{self.server.logs()[-2000:]}")
+        got = servers.poll(lambda: self.value(expr), lambda v: v is not None and check(v),
+                           f"{what} ({expr})", timeout, interval=0.5)
+        assert got is not None
+        return got
 
     def wait_samples(self, selector: str, count: int, window: str = "1m", timeout: float = 30.0) -> None:
         """Wait until every series `selector` matches has `count` samples in `window`."""
-        deadline = time.monotonic() + timeout
-        fewest = 0
-        while time.monotonic() < deadline:
-            series = self.query(f"{selector}[{window}]")
-            fewest = min((len(s["values"]) for s in series), default=0)
-            if fewest >= count:
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {count} samples of each {selector}: {fewest}")
+        servers.poll(lambda: min((len(s["values"]) for s in self.query(f"{selector}[{window}]")),
+                                 default=0),
+                     lambda fewest: fewest >= count, f"{count} samples of each {selector}",
+                     timeout, interval=0.5)
 
     def targets_up(self) -> dict[str, str]:
         """scrape URL → health of each active target."""
@@ -314,15 +303,8 @@ class VictoriaLogs:
     def wait_query(self, logsql: str, check: Callable[[list[dict[str, Any]]], bool], what: str,
                    timeout: float = 30.0) -> list[dict[str, Any]]:
         """Poll a query until its entries pass `check` (batches arrive a moment later)."""
-        deadline = time.monotonic() + timeout
-        entries: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            entries = self.query(logsql)
-            if check(entries):
-                return entries
-            time.sleep(0.5)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {logsql!r} gave "
-                             f"{json.dumps(entries)[-3000:]}\n{self.server.logs()[-2000:]}")
+        return servers.poll(lambda: self.query(logsql), check, f"{what} ({logsql!r})", timeout,
+                            interval=0.5)
 
 
 @contextlib.contextmanager

@@ -23,9 +23,9 @@ from typing import Any
 
 from tests import servers
 from tests.conftest import StackFactory
-from tests.integration.test_service import wait_done
 from tests.observability.conftest import Jaeger, VictoriaLogs
 from tests.observability.test_traces import flatten
+from tests.servers import wait_done
 
 QUESTION = "which colour is the sky over the log store"
 OK_JOBS = 3

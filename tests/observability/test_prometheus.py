@@ -21,8 +21,8 @@ import pytest
 
 from tests import servers
 from tests.conftest import Stack, StackFactory
-from tests.integration.test_service import wait_done
 from tests.observability.conftest import Prometheus, run
+from tests.servers import wait_done
 
 CHART = servers.REPO / "charts" / "chatq"
 DASHBOARD = CHART / "dashboards" / "chatq.json"
