@@ -287,7 +287,7 @@ def real_node(kube: Kube, chatq_images: dict[str, str]) -> Iterator[RealNode]:  
     try:
         node.start()
         seconds = node.load_docker_images([*chatq_images.values(), *NODE_IMAGES])
-        node.figures["image load (4 images, docker save | ctr import)"] = seconds
+        node.figures["image load (4 images side by side, docker save | ctr import)"] = seconds
         node_mod.FIGURES.update(node.figures)
         yield RealNode(kube, node_mod.NODE_NAME, node, images, node.figures)
     finally:

@@ -2,11 +2,13 @@
 
 The session's real node (node.py: containerd, CNI, kubelet, kube-proxy, CoreDNS), or a node of
 the cluster in KUBECONFIG, with the images the containers tier built. One release per queue
-backend (`helm install --wait` with the dev stores; the dev Redis today, the dev ElasticMQ once
-the api's /readyz recovers from an ElasticMQ that starts after it); the tests look inside the
-containers, ask through `kubectl port-forward svc/chatq-api` with `chatq ask` and chatq's
-client, run `helm test`, SIGTERM/SIGKILL/SIGSTOP a worker mid-answer and delete the dev Redis.
-The operator's scale from and to zero runs on a release of its own."""
+backend, shared by the tests of this file (`helm install --wait` with the dev stores: the dev
+Redis; the dev ElasticMQ beside it for `sqs`); the tests look inside the containers, ask through
+`kubectl port-forward svc/chatq-api` with `chatq ask` and chatq's client, run `helm test`,
+SIGTERM/SIGKILL/SIGSTOP a worker mid-answer and delete the dev stores. The SQS pass runs
+where the queue matters (install, ask, a SIGKILLed worker, the queue server deleted); the rest
+is the queue-blind chart, tested once on Redis. The operator's scale from and to zero runs on a
+release of its own."""
 
 from __future__ import annotations
 
@@ -188,7 +190,7 @@ def helm_uninstall(kube: Kube, namespace: str) -> None:
     kube.helm("uninstall", "chatq", "-n", namespace, "--timeout", "120s", check=False, timeout=180)
 
 
-@pytest.fixture(scope="module", params=["redis"])
+@pytest.fixture(scope="module", params=["redis", "sqs"])
 def release(request: pytest.FixtureRequest, real_node: RealNode) -> Iterator[Release]:
     """One release per backend on the real node, installed with --wait, port-forwarded."""
     backend = str(request.param)
@@ -234,8 +236,8 @@ STORE_UIDS = {"redis": "999", "elasticmq": "1001"}
 
 
 def test_every_pod_ready_and_hardened_inside(release: Release) -> None:
-    store = "redis" if release.backend == "redis" else "elasticmq"
-    for component in (*CHATQ_COMPONENTS, store):
+    stores = ("redis",) if release.backend == "redis" else ("redis", "elasticmq")
+    for component in (*CHATQ_COMPONENTS, *stores):
         pods = release.ready_pods(component)
         assert pods, f"no Ready {component} pod:\n{describe(release.kube, release.namespace)}"
         pod = pods[0]["metadata"]["name"]
@@ -243,7 +245,7 @@ def test_every_pod_ready_and_hardened_inside(release: Release) -> None:
                              "id -u; grep -E '^Cap(Prm|Eff|Bnd|Amb)' /proc/self/status; "
                              "touch /probe-write 2>&1 || true")
         lines = probe.splitlines()
-        expected_uid = "10001" if component in CHATQ_COMPONENTS else STORE_UIDS[store]
+        expected_uid = "10001" if component in CHATQ_COMPONENTS else STORE_UIDS[component]
         assert lines[0] == expected_uid, f"{component} runs as uid {lines[0]}"
         caps = dict(line.split(":") for line in lines[1:5])
         assert all(v.strip() == "0000000000000000" for v in caps.values()), f"{component} has {caps}"
@@ -273,6 +275,7 @@ def test_chatq_ask_through_port_forward_streams(release: Release) -> None:
     assert text == ask(release.url, "Stream me")["answer"] or text
 
 
+@pytest.mark.parametrize("release", ["redis"], indirect=True)  # the test pod is queue-blind
 def test_helm_test_pod_runs(release: Release) -> None:
     # The test pod is a hook deleted once it succeeds (hook-delete-policy hook-succeeded):
     # helm's report of its phase, which the real kubelet set, is what is left to check.
@@ -303,6 +306,7 @@ def one_answer(release: Release, job_id: str) -> dict[str, Any]:
     return final
 
 
+@pytest.mark.parametrize("release", ["redis"], indirect=True)  # the drain is the worker's, not the queue's
 def test_worker_sigterm_mid_answer_finishes_or_hands_back(release: Release) -> None:
     job_id = running_job(release, "Deleted gently")
     worker = release.ready_pods("worker")[0]["metadata"]["name"]
@@ -325,6 +329,7 @@ def test_worker_sigkill_mid_answer_still_one_answer(release: Release) -> None:
     assert release.restarts(pod["metadata"]["name"]) == before + 1
 
 
+@pytest.mark.parametrize("release", ["redis"], indirect=True)  # the liveness probe is queue-blind
 def test_frozen_worker_is_restarted_by_the_kubelet(release: Release) -> None:
     if release.node.local is None:
         pytest.skip("a cluster from KUBECONFIG (kind) gives the host no PID to SIGSTOP; CI runs "
@@ -357,6 +362,27 @@ def test_dev_redis_deleted_readyz_503_then_recovers(release: Release) -> None:
     body = down.json()
     assert "redis" in json.dumps(body).lower(), body
     release.kube.wait_for("/readyz to answer 200 again", lambda: readyz().status_code == 200, timeout=120)
+
+
+@pytest.mark.parametrize("release", ["sqs"], indirect=True)  # the dev ElasticMQ is the queue here
+def test_dev_elasticmq_deleted_readyz_503_then_recovers(release: Release) -> None:
+    """ElasticMQ keeps its queues in memory: the new pod starts empty, and chatq creates the
+    queue again (chatq.queues.sqs): /readyz recovers and a new question is answered."""
+    def readyz() -> httpx.Response:
+        return httpx.get(f"{release.url}/readyz", timeout=10)
+
+    assert readyz().status_code == 200
+    mq = release.ready_pods("elasticmq")[0]["metadata"]["name"]
+    release.kube.kubectl("delete", "pod", mq, "-n", release.namespace, "--grace-period=0", "--force")
+    start = time.monotonic()
+    down = release.kube.wait_for("/readyz to answer 503", lambda: (r := readyz()).status_code == 503 and r,
+                                 timeout=60, interval=0.5)
+    body = down.json()
+    assert "sqs" in json.dumps(body).lower(), body
+    release.kube.wait_for("/readyz to answer 200 again", lambda: readyz().status_code == 200, timeout=120)
+    FIGURES["dev ElasticMQ deleted to /readyz 200 again"] = time.monotonic() - start
+    # The workers, too, find the queue again: a question asked now is answered.
+    assert ask(release.url, "After the queue came back")["status"] == "succeeded"
 
 
 # --- the operator, in-cluster, on real worker pods ---------------------------------------------------

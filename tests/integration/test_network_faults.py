@@ -175,3 +175,25 @@ def test_api_started_before_its_sqs_queue_turns_ready_once_it_appears(
         assert httpx.get(f"{api.url}/v1/chat/{job_id}").json()["status"] == "queued"
     finally:
         link.close()
+
+
+def test_readyz_answers_503_in_time_when_the_queue_goes_silent(
+        stack_factory: StackFactory, elasticmq: servers.Server) -> None:
+    # A queue Service whose pod was just deleted drops packets until its endpoint goes: the
+    # kubelet's probe (3 s timeout) must get a 503 that says why, not a timeout; then 200.
+    stack = stack_factory("sqs", workers=0)
+    with servers.faulty_link(elasticmq.port) as link:
+        api = stack.start_api(CHATQ_QUEUE_ENDPOINT=f"http://127.0.0.1:{link.port}",
+                              CHATQ_QUEUE_NAME=f"silent-{uuid.uuid4().hex[:8]}")
+        servers.wait_for(lambda: httpx.get(f"{api.url}/readyz", timeout=10).status_code == 200,
+                         "the api to be ready", timeout=30)
+        link.blackhole()
+        start = time.monotonic()
+        resp = httpx.get(f"{api.url}/readyz", timeout=10)
+        took = time.monotonic() - start
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "queue_unavailable", resp.text
+        assert "did not answer within" in resp.json()["error"]["message"], resp.text
+        assert took < 3, f"/readyz took {took:.1f} s, past the chart's 3 s probe timeout"
+        link.heal()
+        servers.wait_for(lambda: httpx.get(f"{api.url}/readyz", timeout=10).status_code == 200,
+                         "the api to be ready again", timeout=30)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aiobotocore.session
 import pytest
-from chatq import queues
+from chatq import errors, queues
 from chatq import settings as settings_mod
 from chatq.queues import sqs
 
@@ -143,3 +143,37 @@ async def test_sqs_redrive_policy_is_set(elasticmq: servers.Server,
     assert int(policy["maxReceiveCount"]) == 4 + sqs.REDRIVE_SLACK  # beyond the worker's own limit
     assert policy["deadLetterTargetArn"].endswith(cfg.name + "-dlq")
     assert attrs["VisibilityTimeout"] == "30"
+
+
+@pytest.mark.parametrize("create", [True, False])
+async def test_sqs_queue_gone_after_setup_is_created_again(elasticmq: servers.Server, create: bool,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-memory ElasticMQ that restarts comes back without the queue (the dev chart's does):
+    send, receive and depth create it again when chatq may create queues, and only then."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    q = sqs.SqsQueue(settings_mod.QueueSettings(backend="sqs", name=name, endpoint=elasticmq.url))
+    await q.setup()
+    q.cfg = q.cfg.model_copy(update={"create": create})
+    session = aiobotocore.session.get_session()
+    async with session.create_client("sqs", endpoint_url=elasticmq.url,
+                                     region_name="us-east-1") as client:
+        for url in (q.url, q.dlq_url):
+            await client.delete_queue(QueueUrl=url)
+    try:
+        if not create:
+            with pytest.raises(errors.PermanentError):
+                await q.depth()
+            return
+        assert await q.depth() == queues.Depth(0, 0)
+        await q.send("after the restart", {})
+        [d] = await _receive_all(q, 1)
+        assert d.body == "after the restart"
+        await q.ack(d)
+        async with session.create_client("sqs", endpoint_url=elasticmq.url,
+                                         region_name="us-east-1") as client:
+            attrs = (await client.get_queue_attributes(QueueUrl=q.url, AttributeNames=["All"]))["Attributes"]
+        assert json.loads(attrs["RedrivePolicy"])["deadLetterTargetArn"].endswith(f"{name}-dlq")
+    finally:
+        await q.close()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiobotocore.session
 import botocore.config
@@ -46,6 +48,36 @@ def _sqs_error(exc: Exception) -> errors.ChatqError | None:
 
 
 _translate = errors.translated(_sqs_error)
+
+#: The error codes of a queue that is not there (SQS's and ElasticMQ's spellings).
+QUEUE_GONE = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
+
+
+def _queue_gone(exc: Exception) -> bool:
+    return (isinstance(exc, botocore.exceptions.ClientError)
+            and exc.response.get("Error", {}).get("Code", "") in QUEUE_GONE)
+
+
+def _recreated(fn: Callable[Concatenate[SqsQueue, P], Coroutine[Any, Any, R]]
+               ) -> Callable[Concatenate[SqsQueue, P], Coroutine[Any, Any, R]]:
+    """A queue that vanished after setup (an in-memory ElasticMQ restarted empty, a queue
+    deleted by hand) is created again and the call made once more, when the settings let chatq
+    create queues: otherwise every send, receive and depth failed until each process restarted,
+    and the api stayed unready (seen on real pods with the dev ElasticMQ deleted)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: SqsQueue, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            if not (self.cfg.create and _queue_gone(exc)):
+                raise
+        log.warning("the SQS queue %s is gone; creating it (and its dead-letter queue) again", self.name)
+        self.url = self.cfg.url
+        await self.setup()
+        return await fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 class SqsQueue:
@@ -108,6 +140,7 @@ class SqsQueue:
             self._acker = asyncio.create_task(self._ack_loop(), name="sqs-acks")
 
     @_translate
+    @_recreated
     async def send(self, body: str, attributes: dict[str, str]) -> str:
         sqs = await self._sqs()
         reply = await sqs.send_message(QueueUrl=self.url, MessageBody=body, MessageAttributes={
@@ -115,6 +148,7 @@ class SqsQueue:
         return str(reply["MessageId"])
 
     @_translate
+    @_recreated
     async def receive(self, max_messages: int, wait_seconds: float) -> list[Delivery]:
         sqs = await self._sqs()
         reply = await sqs.receive_message(
@@ -180,6 +214,7 @@ class SqsQueue:
         await sqs.delete_message(QueueUrl=self.url, ReceiptHandle=delivery.handle)
 
     @_translate
+    @_recreated
     async def depth(self) -> Depth:
         sqs = await self._sqs()
         reply = await sqs.get_queue_attributes(QueueUrl=self.url,

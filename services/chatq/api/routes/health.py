@@ -15,6 +15,12 @@ from chatq.api.deps import QueueDep, ServicesDep, StoreDep, api_error
 
 router = APIRouter(tags=["health"])
 
+#: /readyz answers within this, 503 when Redis or the queue did not: under the chart's
+#: readinessProbe timeoutSeconds (3), so the kubelet reads a clear error rather than a timeout
+#: (a queue Service whose pod just vanished drops packets until its endpoint goes: botocore's
+#: connect timeouts and retries took over 10 s there, seen on real pods).
+READY_WITHIN_SECONDS = 2.5
+
 
 @router.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
@@ -25,14 +31,22 @@ async def healthz() -> dict[str, str]:
 async def readyz(svc: ServicesDep) -> dict[str, Any]:
     store, queue = svc.store, svc.queue
     try:
-        await store.ping()
+        async with asyncio.timeout(READY_WITHIN_SECONDS):
+            await store.ping()
+    except TimeoutError:
+        raise api_error(503, "redis_unavailable",
+                        f"Redis did not answer within {READY_WITHIN_SECONDS} s") from None
     except errors.ChatqError as exc:
         raise api_error(503, "redis_unavailable", str(exc)) from None
     try:
         # A queue that was not there when the api started (ElasticMQ after the api) is set
         # up here: an unready api gets no other request that would do it.
-        await svc.ensure_queue()
-        depth = await queue.depth()
+        async with asyncio.timeout(READY_WITHIN_SECONDS):
+            await svc.ensure_queue()
+            depth = await queue.depth()
+    except TimeoutError:
+        raise api_error(503, "queue_unavailable", f"the {queue.backend} queue did not answer "
+                        f"within {READY_WITHIN_SECONDS} s") from None
     except errors.ChatqError as exc:
         raise api_error(503, "queue_unavailable", f"the {queue.backend} queue: {exc}") from None
     # A down model does not make the api unready: it still takes questions, which wait in
