@@ -3,7 +3,8 @@
 `POST /v1/chat`, both through one official openai SDK client (`client.post("/chat")` for
 the peer), each job then polled the same way until the client sees it done. The two sides
 alternate in blocks, ABBA, each block drained before the next, so a change in the machine's
-load falls on both. For every job: the overhead beyond model time (answer written - created
+load falls on both; each block reports the create rate it reached (a starved machine does
+not reach the one asked for). For every job: the overhead beyond model time (answer written - created
 - model time, from the job record). Webhooks are on for both sides (one endpoint for every
 event, a receiver process on loopback, `bench.receiver`): delivery latency is arrival at the
 receiver - the job's end, p50 and p99.
@@ -69,9 +70,10 @@ SIDES: dict[str, tuple[Callable[[openai.AsyncOpenAI, int], Coroutine[Any, Any, s
     "responses": (create_response, response_done), "chat": (create_chat, chat_done)}
 
 
-async def block(client: openai.AsyncOpenAI, side: str, rate: float, seconds: float) -> list[str]:
+async def block(client: openai.AsyncOpenAI, side: str, rate: float, seconds: float
+                ) -> tuple[list[str], float]:
     """Open-loop creates at `rate` for `seconds`, then every job polled until the client sees
-    it completed (the same polling on both sides)."""
+    it completed (the same polling on both sides); the job ids and the create rate reached."""
     create, done = SIDES[side]
     tasks: list[asyncio.Task[str]] = []
     start = time.monotonic()
@@ -79,10 +81,11 @@ async def block(client: openai.AsyncOpenAI, side: str, rate: float, seconds: flo
         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         tasks.append(asyncio.create_task(create(client, i)))
     ids = list(await asyncio.gather(*tasks))
+    reached = len(ids) / (time.monotonic() - start)
     for job_id in ids:
         while not await done(client, job_id):
             await asyncio.sleep(POLL_SECONDS)
-    return ids
+    return ids, reached
 
 
 def schedule(seconds: float, block_seconds: float) -> list[str]:
@@ -116,6 +119,7 @@ async def run(rate: float, seconds: float, block_seconds: float) -> dict[str, li
             CHATQ_WEBHOOK_ENDPOINTS=json.dumps([{"url": hooks.url(), "secret": secret}]))
         store = results.Store.from_settings(harness.settings_for(env).redis)
         ids: dict[str, list[str]] = {"responses": [], "chat": []}
+        rates: dict[str, list[float]] = {"responses": [], "chat": []}
         with servers.chatq_process("api", env, port_var="CHATQ_API_PORT") as api, \
                 servers.chatq_process("worker", env, port_var="CHATQ_TELEMETRY_METRICS_PORT"):
             client = sdk_client(api.url)
@@ -124,7 +128,9 @@ async def run(rate: float, seconds: float, block_seconds: float) -> dict[str, li
             for n, side in enumerate(order, 1):
                 harness.say(f"block {n}/{len(order)}: {side}, {rate:.0f}/s for {each:g}s "
                             "through the openai SDK...")
-                ids[side] += await block(client, side, rate, each)
+                made, reached = await block(client, side, rate, each)
+                ids[side] += made
+                rates[side].append(reached)
             await client.close()
             mine, ended = await overheads(store, ids["responses"])
             peer, chat_ended = await overheads(store, ids["chat"])
@@ -142,7 +148,8 @@ async def run(rate: float, seconds: float, block_seconds: float) -> dict[str, li
         latency.append(arrival.at - ended[data_id])
     if len(latency) < total:
         raise TimeoutError(f"only {len(latency)} of {total} webhooks arrived within 60 s")
-    return {"responses_s": mine, "chat_s": peer, "webhook_s": latency}
+    return {"responses_s": mine, "chat_s": peer, "webhook_s": latency,
+            "responses_rate": rates["responses"], "chat_rate": rates["chat"]}
 
 
 async def main() -> None:
@@ -166,6 +173,8 @@ async def main() -> None:
         ("ratio responses / chat p50", f"{percentile(mine, 50) / percentile(peer, 50):.2f}",
          "target <= 1.2"),
         ("ratio responses / chat p99", f"{percentile(mine, 99) / percentile(peer, 99):.2f}", ""),
+        ("creates/s reached, responses blocks (lowest)", f"{min(got['responses_rate']):.0f}", ""),
+        ("creates/s reached, /v1/chat blocks (lowest)", f"{min(got['chat_rate']):.0f}", ""),
         ("webhook delivery p50 after the job ends", ms(percentile(hooks, 50)), ""),
         ("webhook delivery p99 after the job ends", ms(percentile(hooks, 99)), "target < 1 s"),
     ], {**{k: sorted(v) for k, v in got.items()}, "rate": args.rate, "seconds": args.seconds})
