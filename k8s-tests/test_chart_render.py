@@ -2,11 +2,18 @@
 
 No cluster needed: these assert on the rendered objects, the fields that matter to a
 running chatq (images, env, probes, hardening, selectors, scaling) and to its operators.
+
+Which suite holds a chart fact: helm-unittest (charts/chatq/tests) holds the facts of one
+template given some values, what a chart user reads in that template; pytest (this file and
+test_chart_consistency.py) holds the facts that span objects or other files (labels and
+selectors of every object, the kinds of a whole render, hardening and service-link variables
+on every pod, a value that must agree between two objects, env vars that are real settings,
+the schema generated from the settings, images vs Dockerfiles, skaffold) and what
+helm-unittest cannot express. A fact is asserted in one of them, never both.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -107,43 +114,6 @@ def test_selectors_match_their_pods_and_services(tools: Tools) -> None:
         )
 
 
-def test_images_default_to_the_app_version_and_the_operator_runs_the_worker_image(tools: Tools) -> None:
-    objs = tools.template(values=REDIS)
-    assert container(find(objs, "Deployment", "chatq-api"))["image"] == f"chatq-api:{APP_VERSION}"
-    assert container(find(objs, "Deployment", "chatq-worker"))["image"] == f"chatq-worker:{APP_VERSION}"
-    operator = container(find(objs, "Deployment", "chatq-operator"))
-    assert operator["image"] == f"chatq-worker:{APP_VERSION}"
-    assert operator["command"] == ["python", "-m", "chatq_operator"]
-    assert container(find(objs, "Deployment", "chatq-api"))["args"] == ["api"]
-    assert container(find(objs, "Deployment", "chatq-worker"))["args"] == ["worker"]
-
-
-def test_registry_and_tags(tools: Tools) -> None:
-    objs = tools.template(
-        values=merged(
-            REDIS,
-            {
-                "image": {
-                    "registry": "registry.example/acme/",
-                    "api": {"tag": "1.2.3"},
-                    "worker": {"tag": "1.2.4"},
-                }
-            },
-        )
-    )
-    assert (
-        container(find(objs, "Deployment", "chatq-api"))["image"] == "registry.example/acme/chatq-api:1.2.3"
-    )
-    assert (
-        container(find(objs, "Deployment", "chatq-worker"))["image"]
-        == "registry.example/acme/chatq-worker:1.2.4"
-    )
-
-
-def test_latest_is_refused(tools: Tools) -> None:
-    assert "latest" in render_fails(tools, merged(REDIS, {"image": {"api": {"tag": "latest"}}}))
-
-
 def test_hardening_of_every_chatq_pod(tools: Tools) -> None:
     objs = tools.template(values=merged(REDIS, {"dev": {"enabled": True}}))
     for obj in [*all_of(objs, "Deployment"), *all_of(objs, "Pod"), *all_of(objs, "Job")]:
@@ -168,11 +138,9 @@ def test_hardening_of_every_chatq_pod(tools: Tools) -> None:
 def test_api_and_worker_probes(tools: Tools) -> None:
     objs = tools.template(values=REDIS)
     api = container(find(objs, "Deployment", "chatq-api"))
-    assert api["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     worker = container(find(objs, "Deployment", "chatq-worker"))
-    assert worker["ports"] == [{"name": "metrics", "containerPort": 9100, "protocol": "TCP"}]
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert worker["livenessProbe"]["terminationGracePeriodSeconds"] == 10  # a frozen worker: no 150 s wait
     operator = container(find(objs, "Deployment", "chatq-operator"))
@@ -182,82 +150,28 @@ def test_api_and_worker_probes(tools: Tools) -> None:
     )
 
 
-def test_worker_outlives_its_grace_and_knows_its_pod_name(tools: Tools) -> None:
+def test_worker_outlives_its_grace(tools: Tools) -> None:
     objs = tools.template(values=REDIS)
     worker = find(objs, "Deployment", "chatq-worker")
     grace = float(all_env(objs, worker)["CHATQ_WORKER_GRACE_SECONDS"])
     assert pod_spec(worker)["terminationGracePeriodSeconds"] > grace >= 120
-    assert env(worker)["CHATQ_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env(worker)["CHATQ_TELEMETRY_METRICS_PORT"] == "9100"
     # Probes and scrapes come from outside the pod: loopback would fail them all.
     assert env(worker)["CHATQ_TELEMETRY_METRICS_HOST"] == "0.0.0.0"
-    stderr = render_fails(
-        tools, merged(REDIS, {"worker": {"graceSeconds": 200, "terminationGracePeriodSeconds": 150}})
-    )
-    assert "terminationGracePeriodSeconds must be longer" in stderr
 
 
-def test_queuescaler_owns_worker_replicas(tools: Tools) -> None:
-    objs = tools.template(
-        values=merged(
-            REDIS,
-            {
-                "config": {"worker": {"concurrency": 8}},
-                "worker": {"queueScaler": {"minReplicas": 0, "maxReplicas": 7}},
-            },
-        )
-    )
+def test_queuescaler_scales_by_the_workers_concurrency(tools: Tools) -> None:
+    objs = tools.template(values=merged(REDIS, {"config": {"worker": {"concurrency": 8}}}))
     worker = find(objs, "Deployment", "chatq-worker")
-    assert "replicas" not in worker["spec"], "the operator, not helm upgrade, sets worker replicas"
     qs = find(objs, "QueueScaler", "chatq-worker")
-    assert qs["apiVersion"] == "chatq.io/v1alpha1"
-    assert qs["spec"]["targetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chatq-worker"}
-    assert qs["spec"]["queue"] == {
-        "redis": {"url": "redis://redis.example:6379/0", "stream": "chatq-jobs", "group": "chatq-workers"}
-    }
-    assert (qs["spec"]["minReplicas"], qs["spec"]["maxReplicas"]) == (0, 7)
     assert (
         qs["spec"]["messagesPerReplica"] == 8 == int(configmap_env(objs, worker)["CHATQ_WORKER_CONCURRENCY"])
     )
-    assert "fallbackReplicas" not in qs["spec"]
-
-    fixed = tools.template(
-        values=merged(REDIS, {"worker": {"replicaCount": 3, "queueScaler": {"enabled": False}}})
-    )
-    assert find(fixed, "Deployment", "chatq-worker")["spec"]["replicas"] == 3
-    assert not all_of(fixed, "QueueScaler")
 
 
-def test_operator_off(tools: Tools) -> None:
-    stderr = render_fails(tools, merged(REDIS, {"operator": {"enabled": False}}))
-    assert "queueScaler.enabled needs operator.enabled" in stderr
-    objs = tools.template(
-        values=merged(REDIS, {"operator": {"enabled": False}, "worker": {"queueScaler": {"enabled": False}}})
-    )
-    assert not [o for o in objs if labels(o).get("app.kubernetes.io/component") == "operator"]
-    assert not all_of(objs, "Role")
-
-
-def test_operator_rbac_is_namespaced_and_least_privilege(tools: Tools) -> None:
+def test_no_cluster_wide_rbac(tools: Tools) -> None:
     objs = tools.template(values=REDIS, namespace="team-a")
-    role = find(objs, "Role", "chatq-operator")
-    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    assert rules == {
-        (("chatq.io",), ("queuescalers",)): {"get", "list", "watch", "patch"},
-        (("chatq.io",), ("queuescalers/status",)): {"get", "patch"},
-        (("apps",), ("deployments", "deployments/scale")): {"get", "patch", "update"},
-        (("",), ("pods",)): {"list", "patch"},
-        (("", "events.k8s.io"), ("events",)): {"create"},
-    }
-    binding = find(objs, "RoleBinding", "chatq-operator")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "chatq-operator", "namespace": "team-a"}
-    ]
     assert not all_of(objs, "ClusterRole") and not all_of(objs, "ClusterRoleBinding")
-    operator = find(objs, "Deployment", "chatq-operator")
-    assert pod_spec(operator)["serviceAccountName"] == "chatq-operator"
-    assert env(operator)["CHATQ_OPERATOR_NAMESPACES"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
-    assert operator["spec"]["strategy"] == {"type": "Recreate"}
 
 
 # --- dev clusters ----------------------------------------------------------------------------
@@ -327,14 +241,12 @@ def test_sqs_in_production_with_irsa(tools: Tools) -> None:
         )
     )
     assert find(objs, "ServiceAccount", "chatq")["metadata"]["annotations"] == role
-    assert find(objs, "ServiceAccount", "chatq-operator")["metadata"]["annotations"] == role
     worker = find(objs, "Deployment", "chatq-worker")
     cfg = all_env(objs, worker)
     assert (cfg["CHATQ_QUEUE_URL"], cfg["CHATQ_QUEUE_REGION"]) == (url, "eu-west-1")
     assert cfg["CHATQ_QUEUE_ENDPOINT"] == ""
     assert "AWS_ACCESS_KEY_ID" not in cfg, "IRSA provides the credentials"
     assert pod_spec(worker)["serviceAccountName"] == "chatq"
-    assert find(objs, "QueueScaler", "chatq-worker")["spec"]["queue"]["sqs"]["url"] == url
     assert not [
         o for o in objs if labels(o).get("app.kubernetes.io/component") in {"redis", "elasticmq", "llmsim"}
     ]
@@ -343,7 +255,7 @@ def test_sqs_in_production_with_irsa(tools: Tools) -> None:
 # --- secrets and settings --------------------------------------------------------------------
 
 
-def test_openai_key_and_api_keys_go_to_the_secret_not_to_the_operator(tools: Tools) -> None:
+def test_openai_key_and_api_keys_reach_the_pods_through_the_secret(tools: Tools) -> None:
     objs = tools.template(
         values=merged(
             REDIS,
@@ -353,17 +265,12 @@ def test_openai_key_and_api_keys_go_to_the_secret_not_to_the_operator(tools: Too
             },
         )
     )
-    secret = find(objs, "Secret", "chatq")["data"]
-    assert base64.b64decode(secret["llm-api-key"]).decode() == "sk-test"
-    assert base64.b64decode(secret["api-keys"]).decode() == "alpha,sha256:" + "ab" * 32
     for name in ("chatq-api", "chatq-worker"):
         got = env(find(objs, "Deployment", name))
         assert got["CHATQ_LLM_API_KEY"] == {
             "secretKeyRef": {"name": "chatq", "key": "llm-api-key", "optional": True}
         }
         assert got["CHATQ_API_KEYS"]["secretKeyRef"]["key"] == "api-keys"
-    operator = env(find(objs, "Deployment", "chatq-operator"))
-    assert "CHATQ_LLM_API_KEY" not in operator and "CHATQ_API_KEYS" not in operator
     cm = find(objs, "ConfigMap", "chatq")["data"]
     assert cm["CHATQ_LLM_MODEL"] == "gpt-4o-mini"
     assert "sk-test" not in json.dumps(cm)
@@ -383,30 +290,6 @@ def test_existing_secrets(tools: Tools) -> None:
     assert got["CHATQ_REDIS_URL"] == {"secretKeyRef": {"name": "redis-auth", "key": "redis-url"}}
     assert "CHATQ_REDIS_URL" not in find(objs, "ConfigMap", "chatq")["data"]
     assert "url" not in find(objs, "QueueScaler", "chatq-worker")["spec"]["queue"]["redis"]
-
-
-def test_redis_is_required(tools: Tools) -> None:
-    assert "chatq needs Redis" in render_fails(tools, {})
-
-
-def test_config_values_become_settings(tools: Tools) -> None:
-    objs = tools.template(
-        values=merged(
-            REDIS,
-            {
-                "config": {
-                    "log": {"level": "DEBUG", "json_format": False},
-                    "llm": {"timeout_seconds": 30.5},
-                    "api": {"max_wait_seconds": 20},
-                }
-            },
-        )
-    )
-    cm = find(objs, "ConfigMap", "chatq")["data"]
-    assert cm["CHATQ_LOG_LEVEL"] == "DEBUG"
-    assert cm["CHATQ_LOG_JSON_FORMAT"] == "false"
-    assert cm["CHATQ_LLM_TIMEOUT_SECONDS"] == "30.5"
-    assert cm["CHATQ_API_MAX_WAIT_SECONDS"] == "20"
 
 
 @pytest.mark.parametrize(
@@ -432,89 +315,6 @@ def test_schema_rejects_unknown_values(tools: Tools) -> None:
 # --- traffic ---------------------------------------------------------------------------------
 
 
-def test_ingress_for_long_polls_and_sse(tools: Tools) -> None:
-    objs = tools.template(
-        values=merged(
-            REDIS,
-            {
-                "api": {
-                    "ingress": {
-                        "enabled": True,
-                        "annotations": {
-                            "cert-manager.io/cluster-issuer": "letsencrypt",
-                            "nginx.ingress.kubernetes.io/proxy-body-size": "1m",
-                        },
-                        "hosts": [
-                            {"host": "chat.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
-                        ],
-                        "tls": [{"secretName": "chat-tls", "hosts": ["chat.example.com"]}],
-                    }
-                }
-            },
-        )
-    )
-    ingress = find(objs, "Ingress", "chatq-api")
-    assert ingress["spec"]["ingressClassName"] == "nginx"
-    notes = ingress["metadata"]["annotations"]
-    assert notes["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
-    assert notes["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
-    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
-    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "1m", "the user's annotation wins"
-    assert notes["cert-manager.io/cluster-issuer"] == "letsencrypt"
-    rule = ingress["spec"]["rules"][0]
-    assert rule["host"] == "chat.example.com"
-    assert rule["http"]["paths"][0]["backend"] == {"service": {"name": "chatq-api", "port": {"name": "http"}}}
-    assert ingress["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}]
-
-    other = tools.template(
-        values=merged(
-            REDIS, {"api": {"ingress": {"enabled": True, "className": "traefik", "nginxAnnotations": False}}}
-        )
-    )
-    ingress = find(other, "Ingress", "chatq-api")
-    assert ingress["spec"]["ingressClassName"] == "traefik"
-    assert "annotations" not in ingress["metadata"]
-
-
-def test_gateway_api_httproute(tools: Tools) -> None:
-    objs = tools.template(
-        values=merged(
-            REDIS,
-            {
-                "api": {
-                    "httpRoute": {
-                        "enabled": True,
-                        "parentRefs": [{"name": "public", "namespace": "gateways"}],
-                        "hostnames": ["chat.example.com"],
-                        "requestTimeout": "3600s",
-                    }
-                }
-            },
-        )
-    )
-    route = find(objs, "HTTPRoute", "chatq-api")
-    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
-    assert route["spec"]["parentRefs"] == [{"name": "public", "namespace": "gateways"}]
-    assert route["spec"]["hostnames"] == ["chat.example.com"]
-    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": "chatq-api", "port": 8000}]
-    assert route["spec"]["rules"][0]["timeouts"] == {"request": "3600s"}
-    assert "parentRefs" in render_fails(tools, merged(REDIS, {"api": {"httpRoute": {"enabled": True}}}))
-
-
-def test_api_hpa_takes_over_replicas(tools: Tools) -> None:
-    objs = tools.template(values=merged(REDIS, {"api": {"autoscaling": {"enabled": True, "maxReplicas": 6}},
-                                                "files": {"s3": {"bucket": "chatq-files"}}}))
-    hpa = find(objs, "HorizontalPodAutoscaler", "chatq-api")
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": "chatq-api",
-    }
-    assert hpa["spec"]["maxReplicas"] == 6
-    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
-    assert "replicas" not in find(objs, "Deployment", "chatq-api")["spec"]
-
-
 def test_topology_spread(tools: Tools) -> None:
     objs = tools.template(values=REDIS)
     spread = pod_spec(find(objs, "Deployment", "chatq-api"))["topologySpreadConstraints"]
@@ -524,32 +324,6 @@ def test_topology_spread(tools: Tools) -> None:
     assert "topologySpreadConstraints" not in pod_spec(find(objs, "Deployment", "chatq-operator"))
     off = tools.template(values=merged(REDIS, {"topologySpread": {"enabled": False}}))
     assert "topologySpreadConstraints" not in pod_spec(find(off, "Deployment", "chatq-worker"))
-
-
-def test_network_policies(tools: Tools) -> None:
-    objs = tools.template(
-        values={
-            "dev": {"enabled": True},
-            "networkPolicy": {
-                "enabled": True,
-                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
-            },
-        }
-    )
-    names = sorted(p["metadata"]["name"] for p in all_of(objs, "NetworkPolicy"))
-    assert names == ["chatq-api", "chatq-llmsim", "chatq-operator", "chatq-redis", "chatq-worker"]
-    worker = find(objs, "NetworkPolicy", "chatq-worker")["spec"]["ingress"]
-    assert worker == [
-        {
-            "ports": [{"port": "metrics", "protocol": "TCP"}],
-            "from": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
-        }
-    ]
-    redis = find(objs, "NetworkPolicy", "chatq-redis")["spec"]["ingress"][0]["from"][0]
-    assert redis["podSelector"]["matchLabels"] == {
-        "app.kubernetes.io/instance": "chatq",
-        "app.kubernetes.io/part-of": "chatq",
-    }
 
 
 # --- observability ---------------------------------------------------------------------------
@@ -645,37 +419,6 @@ def test_helm_test_pod_asks_through_the_api_service(tools: Tools) -> None:
     assert env(pod)["CHATQ_CLIENT_API_KEY"] == {"secretKeyRef": {"name": "k", "key": "plain"}}
     assert pod["spec"]["restartPolicy"] == "Never"
     assert not all_of(tools.template(values=merged(REDIS, {"tests": {"enabled": False}})), "Pod")
-
-
-def test_uninstall_hook_releases_queuescalers_before_the_operator_goes(tools: Tools) -> None:
-    objs = tools.template(values=REDIS, namespace="team-a")
-    job = find(objs, "Job", "chatq-cleanup")
-    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
-    hook = container(job)
-    assert hook["image"] == f"chatq-worker:{APP_VERSION}" and hook["command"] == ["python", "-c"]
-    assert "delete_namespaced_custom_object" in hook["args"][0]
-    assert env(job) == {
-        "RELEASE_NAMESPACE": "team-a",
-        "RELEASE_SELECTOR": "app.kubernetes.io/instance=chatq,app.kubernetes.io/name=chatq",
-    }
-    assert pod_spec(job)["serviceAccountName"] == "chatq-cleanup"
-    role = find(objs, "Role", "chatq-cleanup")
-    assert role["rules"] == [
-        {
-            "apiGroups": ["chatq.io"],
-            "resources": ["queuescalers"],
-            "verbs": ["get", "list", "watch", "delete"],
-        }
-    ]
-    for obj in (
-        role,
-        find(objs, "RoleBinding", "chatq-cleanup"),
-        find(objs, "ServiceAccount", "chatq-cleanup"),
-    ):
-        assert obj["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
-        assert "hook-succeeded" in obj["metadata"]["annotations"]["helm.sh/hook-delete-policy"]
-    fixed = tools.template(values=merged(REDIS, {"worker": {"queueScaler": {"enabled": False}}}))
-    assert not all_of(fixed, "Job"), "no QueueScaler, no hook"
 
 
 def test_prometheus_rule_with_the_alerts(tools: Tools) -> None:
