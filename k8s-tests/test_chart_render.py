@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from chart import all_env, all_of, configmap_env, container, env, find, kinds, labels, pod_spec
+from chatq import settings as settings_mod
+from chatq.api.routes import health
 from conftest import CHART, Tools
 
 REDIS = {"redis": {"url": "redis://redis.example:6379/0"}}
@@ -140,6 +142,8 @@ def test_api_and_worker_probes(tools: Tools) -> None:
     api = container(find(objs, "Deployment", "chatq-api"))
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # /readyz bounds its own checks under the probe's timeout: the kubelet reads its 503.
+    assert api["readinessProbe"]["timeoutSeconds"] > health.READY_WITHIN_SECONDS
     worker = container(find(objs, "Deployment", "chatq-worker"))
     assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert worker["livenessProbe"]["terminationGracePeriodSeconds"] == 10  # a frozen worker: no 150 s wait
@@ -158,6 +162,17 @@ def test_worker_outlives_its_grace(tools: Tools) -> None:
     assert env(worker)["CHATQ_TELEMETRY_METRICS_PORT"] == "9100"
     # Probes and scrapes come from outside the pod: loopback would fail them all.
     assert env(worker)["CHATQ_TELEMETRY_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_api_grace_outlasts_its_pause_and_drain(tools: Tools) -> None:
+    """The api's grace against the settings (helm-unittest holds the rest of the rollout's
+    needs): the preStop pause, then uvicorn's drain of long-polls, up to max_wait_seconds + 5
+    (chatq.cli.cmd_api), must end before the kill; test_real_pods' upgrade under load runs it."""
+    api = find(tools.template(values=REDIS), "Deployment", "chatq-api")
+    command = container(api)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = settings_mod.ApiSettings().max_wait_seconds + 5
+    assert pod_spec(api)["terminationGracePeriodSeconds"] > int(command[1]) + drain, (command, drain)
 
 
 def test_queuescaler_scales_by_the_workers_concurrency(tools: Tools) -> None:

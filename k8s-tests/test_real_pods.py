@@ -53,6 +53,8 @@ def chart_values(real_node: RealNode, backend: str, **extra: Any) -> dict[str, A
                 "elasticmq": {"image": {"repository": mq_repo, "tag": mq_tag}}},
         "queue": {"backend": backend},
         "api": {"replicaCount": 1},
+        # Two cores: a backlog scaled out to 10 workers would starve them all past their probes.
+        "worker": {"queueScaler": {"maxReplicas": 2}},
         # Slow enough answers (40 tokens, 4 s) to signal a worker mid-answer; short leases,
         # so a SIGKILLed worker's job goes to the next one soon.
         "config": {"llmsim": {"ttft_ms": 300, "itl_ms": 100, "tokens": 40},
@@ -344,6 +346,175 @@ def test_frozen_worker_is_restarted_by_the_kubelet(release: Release) -> None:
     release.kube.wait_for("the restarted worker to be Ready", lambda: release.ready_pods("worker"),
                           timeout=120)
     assert ask(release.url, "Alive again?")["status"] == "succeeded"
+
+
+# --- helm upgrade under a steady load ---------------------------------------------------------------
+
+
+@dataclass
+class SteadyLoad:
+    """A client that posts questions at a steady rate and polls each until it ends, in threads.
+
+    Every request that got a 5xx or no answer at all (refused, reset, timed out) is kept in
+    `errors`; accepted jobs in `accepted`, their final records in `final`. Its connections idle
+    at most 2 s, under uvicorn's 5 s keep-alive, as a well-behaved client's do (otherwise a
+    request can race the server closing an idle connection, upgrade or not)."""
+
+    url: str
+    rate: float = 2.0
+    accepted: list[str] = field(default_factory=list)
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    posted: list[float] = field(default_factory=list)
+    stop_posting: threading.Event = field(default_factory=threading.Event)
+    stop_polling: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.Client(base_url=self.url, timeout=15,
+                                 limits=httpx.Limits(max_connections=20, keepalive_expiry=2))
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=self._post, daemon=True),
+                        threading.Thread(target=self._poll, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response | None:
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            self._error(f"{method} {path}: {type(exc).__name__}: {exc}")
+            return None
+        if resp.status_code >= 500 or resp.status_code not in (200, 202):
+            self._error(f"{method} {path}: {resp.status_code} {resp.text[:200]}")
+            return None
+        return resp
+
+    def _error(self, what: str) -> None:
+        with self.lock:
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def _post(self) -> None:
+        n, start = 0, time.monotonic()
+        while not self.stop_posting.is_set():
+            resp = self._request("POST", "/v1/chat", json={"message": f"steady {n}", "max_tokens": 2})
+            if resp is not None:
+                with self.lock:
+                    self.accepted.append(str(resp.json()["id"]))
+                    self.posted.append(time.monotonic())
+            n += 1
+            self.stop_posting.wait(max(0.0, start + n / self.rate - time.monotonic()))
+
+    def _poll(self) -> None:
+        while not self.stop_polling.is_set():
+            with self.lock:
+                pending = [j for j in self.accepted if j not in self.final]
+            for job_id in pending:
+                resp = self._request("GET", f"/v1/chat/{job_id}")
+                if resp is not None and resp.json()["status"] in {"succeeded", "failed", "cancelled"}:
+                    self.final[job_id] = resp.json()
+            self.stop_polling.wait(0.5)
+
+    def drain(self, timeout: float) -> list[str]:
+        """Stops posting, polls until every accepted job ended (or `timeout`); the ones that did not."""
+        self.stop_posting.set()
+        self.threads[0].join(timeout=30)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.final) < len(self.accepted):
+            time.sleep(0.5)
+        self.stop_polling.set()
+        self.threads[1].join(timeout=30)
+        return [j for j in self.accepted if j not in self.final]
+
+    def close(self) -> None:
+        self.stop_posting.set()
+        self.stop_polling.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        self.http.close()
+
+
+def service_url(release: Release, name: str = "chatq-api", port: int = 8000) -> str:
+    """The Service's ClusterIP, as the host reaches it: kube-proxy's iptables rules (nat OUTPUT
+    jumps to KUBE-SERVICES) DNAT the host's own connections to a Ready endpoint, chosen anew per
+    connection, as for a pod in the cluster; a port-forward pins one pod and breaks with it."""
+    ip = release.kube.get("service", name, "-n", release.namespace)["spec"]["clusterIP"]
+    url = f"http://{ip}:{port}"
+    try:
+        httpx.get(f"{url}/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise AssertionError(f"the host cannot reach {name}'s ClusterIP {url} ({exc}): is kube-proxy's "
+                             f"iptables nat OUTPUT chain there?") from None
+    return url
+
+
+@pytest.mark.parametrize("release", ["redis"], indirect=True)  # the rollout is the chart's, not the queue's
+def test_helm_upgrade_under_steady_load_answers_every_job_once(release: Release) -> None:
+    """`helm upgrade` with a changed setting (it rolls the api, the workers and the operator)
+    while a client posts 2 short questions a second and polls them (5 a second, with the
+    machine's other tests beside, starved the 2 cores: llmsim took 2.6 s for 5 tokens, the
+    operator scaled out on the backlog, new pods missed their startup probes), through the api Service's
+    ClusterIP from the host (see service_url): no request gets a 5xx or a connection error,
+    and every accepted job ends succeeded with one answer. The new api pod takes traffic only
+    once Ready (maxUnavailable 0), the old one keeps serving through its preStop pause while
+    its endpoint leaves kube-proxy's rules, then drains; old workers drain their jobs."""
+    if release.node.local is None:
+        pytest.skip("the host reaches ClusterIPs only on the local real node (kube-proxy programs this "
+                    "host's iptables); CI runs this there")
+    kube, ns = release.kube, release.namespace
+    kube.wait_for("a Ready api and worker",
+                  lambda: release.ready_pods("api") and release.ready_pods("worker"), timeout=120)
+    old = {c: {p["metadata"]["name"] for p in release.pods(c)} for c in ("api", "worker")}
+    values = json.loads(json.dumps(release.values))
+    values["config"]["worker"]["concurrency"] = int(values["config"]["worker"]["concurrency"]) + 4
+    path = kube.home / f"upgrade-{ns}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    load = SteadyLoad(service_url(release))
+    load.start()
+    try:
+        time.sleep(5)  # a steady state first
+        before = len(load.accepted)
+        start = time.monotonic()
+        kube.helm("upgrade", "chatq", CHART, "-n", ns, "-f", path, "--wait", "--timeout", "300s", timeout=360)
+        seconds = time.monotonic() - start
+        # The rollout is over when the old pods are gone (the api's preStop pause and drain, the
+        # workers' drain come after helm's --wait): the load runs until then, and 3 s beyond.
+        def old_pods() -> list[str]:
+            return [p["metadata"]["name"] for c in old for p in kube.get(
+                "pods", "-n", ns, "-l", f"app.kubernetes.io/component={c}")["items"]
+                if p["metadata"]["name"] in old[c]]
+
+        kube.wait_for("the old api and worker pods to be gone", lambda: not old_pods(), timeout=180,
+                      interval=1)
+        rollout = time.monotonic() - start
+        time.sleep(3)
+        during = len(load.accepted) - before
+        unfinished = load.drain(timeout=120)
+    finally:
+        load.close()
+    release.values = values
+    release.forward.start()  # the port-forward's pod is gone
+    new = {c: {p["metadata"]["name"] for p in release.ready_pods(c)} for c in ("api", "worker")}
+    assert all(new[c] and not new[c] & old[c] for c in old), (old, new)
+    with chatq_client.Client(load.url, timeout=30) as c:
+        dones = {j: [e.type for e in c.events(j)].count("done") for j in load.accepted}
+    duplicated = [j for j, n in dones.items() if n != 1]
+    failed = {j: r for j, r in load.final.items() if r["status"] != "succeeded" or not r.get("answer")}
+    handed_back = sum(1 for r in load.final.values() if int(r.get("attempts", 1)) > 1)
+    FIGURES["helm upgrade --wait under load"] = seconds
+    FIGURES["helm upgrade to old pods gone"] = rollout
+    print(f"\nhelm upgrade under {load.rate:.0f} jobs/s: {seconds:.1f} s (old pods gone at {rollout:.1f} s); "
+          f"{during} jobs posted meanwhile, {len(load.accepted)} in all; {len(unfinished)} unfinished, "
+          f"{len(failed)} failed, {len(duplicated)} with other than one answer, {handed_back} handed back; "
+          f"{len(load.errors)} request errors")
+    assert not load.errors, (f"{len(load.errors)} requests failed during the upgrade:\n"
+                             + "\n".join(load.errors[:20]))
+    assert during >= load.rate * seconds * 0.8, f"the load did not keep up: {during} jobs in {seconds:.0f} s"
+    assert not unfinished, f"{len(unfinished)} accepted jobs never ended: {unfinished[:10]}"
+    assert not failed, f"{len(failed)} jobs did not succeed: {list(failed.values())[:3]}"
+    assert not duplicated, {j: dones[j] for j in duplicated[:10]}
 
 
 # --- the dev Redis deleted ---------------------------------------------------------------------------

@@ -207,7 +207,10 @@ def api() -> Schema:
             "replicaCount": integer("API replicas.", minimum=0),
             "service": service,
             "resources": RESOURCES,
-            "terminationGracePeriodSeconds": integer("Grace after SIGTERM, seconds.", minimum=0),
+            "preStopSeconds": integer("Seconds a deleted pod serves on before SIGTERM.", minimum=0),
+            "terminationGracePeriodSeconds": integer(
+                "Grace from deletion to SIGKILL, seconds; > preStopSeconds.", minimum=1
+            ),
             "podDisruptionBudget": closed(
                 {"enabled": boolean(), "minAvailable": typed(["integer", "string"], "Count or percentage.")},
                 "API PDB.",

@@ -116,6 +116,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (eq (include "chatq.filesStore" .) "local") .Values.api.autoscaling.enabled }}
 {{- fail "the local file store (files.store=local, or s3 without files.s3.bucket) lives on one API pod, so the api runs one replica: set files.store=s3 with files.s3.bucket, or turn api.autoscaling off" }}
 {{- end }}
+{{- if le (int .Values.api.terminationGracePeriodSeconds) (int .Values.api.preStopSeconds) }}
+{{- fail "api.terminationGracePeriodSeconds must be longer than api.preStopSeconds, or Kubernetes kills the api before it drains its requests" }}
+{{- end }}
 {{- if le (int .Values.worker.terminationGracePeriodSeconds) (int .Values.worker.graceSeconds) }}
 {{- fail "worker.terminationGracePeriodSeconds must be longer than worker.graceSeconds, or Kubernetes kills workers before they hand their jobs back" }}
 {{- end }}
