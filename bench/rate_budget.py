@@ -148,7 +148,7 @@ def run(mode: str, args: argparse.Namespace, owners: list[tuple[str, int]],
             CHATQ_LLM_BASE_URL=f"{sim.url}/v1", CHATQ_LLM_MODEL="chatq-sim-1",
             CHATQ_LLM_API_KEY="bench", CHATQ_LLM_MAX_ATTEMPTS="6",
             CHATQ_LLM_BACKOFF_BASE_SECONDS="0.5", CHATQ_LLM_BACKOFF_MAX_SECONDS="10",
-            CHATQ_WORKER_CONCURRENCY="32", CHATQ_QUEUE_VISIBILITY_SECONDS="30",
+            CHATQ_WORKER_CONCURRENCY=str(args.concurrency), CHATQ_QUEUE_VISIBILITY_SECONDS="30",
             CHATQ_FAIR_ENABLED=str(fair).lower())
         asyncio.run(preload(env, owners, fair))
         got: dict[str, Any] = {}
@@ -194,6 +194,10 @@ def main() -> None:
     parser.add_argument("--rpm", type=int, default=600)
     parser.add_argument("--tpm", type=int, default=60_000)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="jobs per worker; the fair window is the workers' slots plus a spare, "
+                             "so a window wider than the smaller key's whole backlog leaves "
+                             "fairness to the queue's order")
     parser.add_argument("--quick", action="store_true", help="a short smoke run (CI)")
     args = parser.parse_args()
     if args.quick:
