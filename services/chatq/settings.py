@@ -96,6 +96,15 @@ class ApiSettings(_Group):
     quotas: str = ""
     """Per-key quotas overriding the two above: comma-separated
     `<key or sha256:hex>=<rpm>/<tokens per day>[/<name for metrics>]`, 0 = unlimited."""
+    auth_failures_per_minute: int = Field(20, ge=0)
+    """Wrong API keys one source address may present per minute to one api process; past
+    it, that address's keys are refused with 429 and Retry-After before they are checked,
+    except keys that already worked from it (chatq.api.auth). 0 turns the limit off.
+    Default 20."""
+    cors_origins: str = ""
+    """Comma-separated origins (`https://app.example.com`) whose browser pages may call the
+    API (CORS), or `*` for any; empty (the default) sends no CORS headers, so browsers
+    refuse every cross-origin call."""
 
 
 class WorkerSettings(_Group):

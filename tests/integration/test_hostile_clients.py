@@ -1,5 +1,5 @@
 """Hostile clients against one real api process: slowloris headers, header floods, bodies
-over the limit or trickling in, malformed JSON.
+over the limit or trickling in, malformed JSON, brute-forced keys, other origins (CORS).
 
 Each case checks the api's limit (408, 431, 413, 400: a 4xx, never a 500 or a hang) and
 that another client is served meanwhile: its question is accepted and answered while the
@@ -15,6 +15,7 @@ import contextlib
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -129,3 +130,80 @@ def test_bodies_over_the_limit_trickling_or_malformed(stack_factory: StackFactor
                   b"Content-Length: 4000\r\n\r\n{\"message\": \"")
         with dribbling([s], every=0.2):
             served_meanwhile(stack)
+
+
+def test_cors_is_off_by_default(stack_factory: StackFactory) -> None:
+    stack = stack_factory("redis", workers=0)
+    origin = {"Origin": "https://elsewhere.example"}
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        preflight = http.options("/v1/chat", headers={
+            **origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert not any(h.startswith("access-control-") for h in preflight.headers), preflight.headers
+        for resp in (http.get("/healthz", headers=origin),
+                     http.post("/v1/chat", json={"message": "hi"}, headers=origin)):
+            assert resp.status_code in (200, 202)
+            assert not any(h.startswith("access-control-") for h in resp.headers), resp.headers
+
+
+def test_cors_allows_the_listed_origins_only(stack_factory: StackFactory) -> None:
+    listed = "https://app.example"
+    stack = stack_factory("redis", workers=0,
+                          CHATQ_API_CORS_ORIGINS=f"{listed}, https://other.example")
+    ask_preflight = {"Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type,idempotency-key"}
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        ok = http.options("/v1/chat", headers={"Origin": listed, **ask_preflight})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == listed
+        assert "POST" in ok.headers["access-control-allow-methods"]
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        assert "access-control-allow-credentials" not in ok.headers  # bearer keys, no cookies
+        refused = http.options("/v1/chat", headers={"Origin": "https://evil.example",
+                                                    **ask_preflight})
+        assert refused.status_code == 400
+        assert "access-control-allow-origin" not in refused.headers
+        created = http.post("/v1/chat", json={"message": "hi"}, headers={"Origin": listed})
+        assert created.status_code == 202
+        assert created.headers["access-control-allow-origin"] == listed
+        assert "location" in created.headers["access-control-expose-headers"].lower()
+        other = http.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+
+
+def test_brute_forced_keys_get_429_and_keys_that_worked_still_work(
+        stack_factory: StackFactory) -> None:
+    right, fresh = f"right-{uuid.uuid4().hex}", f"fresh-{uuid.uuid4().hex}"
+    per_minute = 30  # one failure back every 2 s
+    stack = stack_factory("redis", workers=1, CHATQ_API_KEYS=f"{right},{fresh}",
+                          CHATQ_API_AUTH_FAILURES_PER_MINUTE=str(per_minute),
+                          CHATQ_LOG_LEVEL="DEBUG")
+    guesses = [f"guess-{i}-{uuid.uuid4().hex}" for i in range(per_minute + 20)]
+
+    def as_key(http: httpx.Client, key: str) -> httpx.Response:
+        return http.get("/v1/chat/0a", headers={"Authorization": f"Bearer {key}"})
+
+    with httpx.Client(base_url=stack.url, timeout=10) as http:
+        assert as_key(http, right).status_code == 404  # authenticated: no such job
+        answers = [as_key(http, g) for g in guesses]
+        statuses = [a.status_code for a in answers]
+        assert statuses[:per_minute] == [401] * per_minute, statuses
+        assert set(statuses[per_minute:]) == {429}, statuses
+        locked = answers[-1]
+        assert locked.json()["error"]["code"] == "too_many_failed_keys"
+        assert 1 <= int(locked.headers["Retry-After"]) <= 3
+        # The key that worked from this address still works while it is locked...
+        with stack.client(right) as good:
+            assert wait_done(good, ask(good, "still served"))["status"] == "succeeded"
+        # ...a key never used from here waits like a guess (it is not even checked)...
+        assert as_key(http, fresh).status_code == 429
+        # ...and another address has its own bucket.
+        elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=stack.url, timeout=10, transport=elsewhere) as other:
+            assert as_key(other, fresh).status_code == 404
+            assert as_key(other, guesses[0]).status_code == 401
+        time.sleep(int(locked.headers["Retry-After"]))
+        assert as_key(http, fresh).status_code == 404
+    logs = stack.api.logs()
+    assert "failed authentications a minute from 127.0.0.1" in logs
+    leaked = [k for k in (right, fresh, *guesses) if k in logs or k[6:] in logs]
+    assert not leaked, f"the api log holds {len(leaked)} presented keys"

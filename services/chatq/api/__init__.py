@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,7 +33,7 @@ from chatq import (
     webhooks,
 )
 from chatq import settings as settings_mod
-from chatq.api import deps, openai_errors
+from chatq.api import auth, deps, openai_errors
 from chatq.api.routes import batches, chat, files, health, responses
 from chatq.api.routes import webhooks as webhook_routes
 from chatq.queues import open_queue
@@ -51,6 +52,13 @@ def _error(status: int, code: str, message: str, headers: Mapping[str, str] | No
         return openai_errors.from_chatq(status, code, message, headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
                         headers=headers)
+
+
+#: Response headers a browser page may read (CORS), beyond the CORS-safelisted ones.
+CORS_EXPOSED = ["Location", "Retry-After", "Idempotent-Replayed", "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+                "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens"]
 
 
 class BodyTooLarge(Exception):
@@ -250,6 +258,7 @@ def create_app(settings: settings_mod.Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.key_hashes = deps.parse_keys(settings.api.keys)
+    app.state.auth_guard = auth.AuthGuard(settings.api.auth_failures_per_minute)
     # Checked here, so a bad CHATQ_WEBHOOK_ENDPOINTS stops the api at start, saying why.
     app.state.configured_webhooks = webhooks.configured_endpoints(settings.webhook)
     app.state.quotas = quotas.parse(settings.api.quotas, deps.owner_of_entry)  # bad: fail at start
@@ -264,5 +273,12 @@ def create_app(settings: settings_mod.Settings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(LimitsAndMetrics, max_body=settings.api.max_body_bytes,
                        upload_paths=("/v1/files",))
+    origins = [o.strip() for o in settings.api.cors_origins.split(",") if o.strip()]
+    if origins:
+        # Outermost, so refusals (413, 429...) carry the headers too and a browser can read
+        # them. Keys travel as bearer tokens, never cookies: no credentials mode.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_headers=["*"],
+                           allow_methods=["GET", "POST", "DELETE"], expose_headers=CORS_EXPOSED,
+                           max_age=600)
     telemetry.instrument_app(app)
     return app

@@ -15,6 +15,7 @@ from chatq import catalog, filestore, results
 from chatq import fair as fair_mod
 from chatq import quotas as quotas_mod
 from chatq import settings as settings_mod
+from chatq.api import auth
 from chatq.queues import Queue
 
 OPEN_OWNER = "open"
@@ -113,9 +114,22 @@ async def get_owner(request: Request, credentials: Annotated[HTTPAuthorizationCr
         raise api_error(401, "unauthorized", "send your API key as 'Authorization: Bearer <key>'",
                         {"WWW-Authenticate": "Bearer"})
     digest = hash_key(credentials.credentials)
-    if not any(hmac.compare_digest(digest, k) for k in keys):
+    guard: auth.AuthGuard = request.app.state.auth_guard
+    source = request.client.host if request.client else ""
+    wait = guard.refused(source, digest)
+    if wait:
+        raise api_error(429, "too_many_failed_keys",
+                        "too many wrong API keys from this address; retry later",
+                        {"Retry-After": auth.retry_after(wait)})
+    # Every key compared, in constant time each: the time taken says nothing of which matched.
+    valid = False
+    for k in keys:
+        valid |= hmac.compare_digest(digest, k)
+    if not valid:
+        guard.failed(source)
         raise api_error(401, "unauthorized", "this API key is not valid",
                         {"WWW-Authenticate": "Bearer"})
+    guard.succeeded(source, digest)
     return digest[:32]
 
 
