@@ -19,6 +19,13 @@ http_requests = Counter("chatq_http_requests", "HTTP requests answered.",
                         ["method", "route", "status"])
 http_latency = Histogram("chatq_http_request_duration_seconds", "HTTP request latency.",
                          ["method", "route", "status"], buckets=LATENCY_BUCKETS)
+http_send_timeouts = Counter("chatq_http_send_timeouts",
+                             "Connections aborted because the client stopped reading its "
+                             "response for CHATQ_API_SEND_TIMEOUT_SECONDS.")
+http_held = Gauge("chatq_http_held", "Long-polls and SSE streams open in this api process.")
+http_held_refused = Counter("chatq_http_held_refused",
+                            "Long-polls and SSE streams refused (429): their key held "
+                            "CHATQ_API_MAX_HELD_PER_KEY already.")
 jobs_enqueued = Counter("chatq_jobs_enqueued", "Jobs put on the queue.", ["queue"])
 fair_held_jobs = Counter("chatq_fair_held_jobs",
                          "Interactive jobs held back at creation (the queue's fair window was "

@@ -15,7 +15,10 @@ Every Redis key chatq uses is named here:
 - `chatq:budget:<endpoint>`  hash: the shared rate budget of one model endpoint (budget.py)
 - `chatq:quota:<owner>:rpm`  hash: an API key's requests-per-minute bucket (quotas.py)
 - `chatq:quota:<owner>:tpd:<day>` string: tokens an API key used on one UTC day (quotas.py)
-- channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls)
+- channel `chatq:done`       a job id each time a job becomes terminal (wakes long-polls
+                            and SSE streams, chatq.wakeups)
+- channel `chatq:job:<id>:tick` an empty message each time the job's event stream grows
+                            (wakes its SSE streams; an api subscribes only while it has some)
 - `chatq:webhook:on`        string: set once any webhook endpoint exists; until then no
                             webhook events are recorded
 - `chatq:webhook:events`    stream: one entry per terminal job (written atomically with the
@@ -51,17 +54,13 @@ scripts, so a job's answer is written once however often its message is delivere
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from chatq import jobs, redis_client
 from chatq import settings as settings_mod
@@ -83,6 +82,16 @@ def job_key(job_id: str) -> str:
 def events_key(job_id: str) -> str:
     """The stream that holds a job's token deltas and final event."""
     return f"chatq:job:{job_id}:events"
+
+
+def tick_channel(job_id: str) -> str:
+    """The channel told each time a job's event stream grows (chatq.wakeups)."""
+    return f"chatq:job:{job_id}:tick"
+
+
+def job_of_tick_channel(channel: str) -> str:
+    """The job id of a tick_channel name."""
+    return channel.removeprefix("chatq:job:").removesuffix(":tick")
 
 
 def idempotency_key(owner: str, key: str) -> str:
@@ -248,6 +257,7 @@ if not redis.call('HGET', KEYS[1], 'started_at') then
 end
 redis.call('XADD', KEYS[2], '*', 'type', 'attempt', 'data', '{"attempt":' .. attempts .. '}')
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', KEYS[4], '')
 redis.call('ZADD', KEYS[3], t + tonumber(ARGV[2]), ARGV[4])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
@@ -546,10 +556,12 @@ class Store:
     async def read_events(self, job_id: str, after: str, block_ms: int,
                           count: int = 500) -> list[tuple[str, dict[str, str]]]:
         """Events after stream id `after`, waiting up to block_ms (at most
-        MAX_EVENTS_BLOCK_SECONDS) for the first."""
+        MAX_EVENTS_BLOCK_SECONDS) for the first; 0 (the api's streams, which wait on
+        chatq.wakeups instead) does not wait and holds a pooled connection for one reply."""
         block_ms = min(block_ms, int(MAX_EVENTS_BLOCK_SECONDS * 1000))
-        reply = cast(list[Any], await self.events.xread({events_key(job_id): after}, count=count,
-                                                        block=block_ms or None))
+        client = self.events if block_ms else self.redis
+        reply = cast(list[Any], await client.xread({events_key(job_id): after}, count=count,
+                                                   block=block_ms or None))
         if not reply:
             return []
         return [(str(eid), dict(data)) for eid, data in reply[0][1]]
@@ -561,7 +573,7 @@ class Store:
         """('ok', record) when this worker now holds the job; else (missing|leased|<terminal
         status>, None)."""
         reply = cast(list[Any], await self._claim(
-            keys=[job_key(job_id), events_key(job_id), LEASES_KEY],
+            keys=[job_key(job_id), events_key(job_id), LEASES_KEY, tick_channel(job_id)],
             args=[token, lease_seconds, self.ttl, job_id]))
         if reply[0] == "leased":
             return Claim("leased", None, float(reply[1]))
@@ -588,16 +600,23 @@ class Store:
         attempt = await self._update(keys=[job_key(job_id)], args=["incr", "attempts", ""])
         if attempt is None:
             return 0  # deleted meanwhile: the next heartbeat stops this worker
-        await self.redis.xadd(events_key(job_id), {"type": "attempt",
-                                                   "data": json.dumps({"attempt": attempt})})
+        await self._add_event(job_id, {"type": "attempt",
+                                       "data": json.dumps({"attempt": attempt})})
         return int(attempt)
+
+    async def _add_event(self, job_id: str, fields: dict[str, str]) -> None:
+        # One round trip: the event, then the tick that wakes the job's SSE streams.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(events_key(job_id), fields)  # type: ignore[arg-type]
+            pipe.publish(tick_channel(job_id), "")
+            await pipe.execute()
 
     @redis_client.translate_errors
     async def append_delta(self, job_id: str, text: str, attempt: int) -> None:
         """Add a token delta to the job's event stream."""
         data = json.dumps({"text": text, "attempt": attempt})
         # No EXPIRE here: claim() gave the stream its TTL and finish() renews it.
-        await self.redis.xadd(events_key(job_id), {"type": "delta", "data": data})
+        await self._add_event(job_id, {"type": "delta", "data": data})
 
     @redis_client.translate_errors
     async def finish(self, job_id: str, token: str, outcome: jobs.Outcome) -> str:
@@ -660,56 +679,3 @@ class Store:
         """Remove a stopping worker's busy count."""
         await self.redis.delete(busy_key(worker_id))
         await self.redis.hdel(FAIR_CAPACITY, worker_id)
-
-
-class DoneWaiter:
-    """One Redis subscription per API process that wakes the long-polls of finished jobs."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.redis = client
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Subscribe in the background (reconnecting as needed)."""
-        self._task = asyncio.create_task(self._listen(), name="done-waiter")
-
-    async def stop(self) -> None:
-        """Stop listening."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _listen(self) -> None:
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(DONE_CHANNEL)
-                async for message in pubsub.listen():
-                    self._wake(str(message["data"]))
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-                # Redis went away: long-polls re-read the record when they time out.
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def _wake(self, job_id: str) -> None:
-        for fut in self._waiters.pop(job_id, ()):
-            if not fut.done():
-                fut.set_result(None)
-
-    @contextlib.asynccontextmanager
-    async def watch(self, job_id: str) -> AsyncIterator[asyncio.Future[None]]:
-        """A future that resolves when job_id is published as done; register before reading."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(job_id, set()).add(fut)
-        try:
-            yield fut
-        finally:
-            waiting = self._waiters.get(job_id)
-            if waiting is not None:
-                waiting.discard(fut)
-                if not waiting:
-                    del self._waiters[job_id]

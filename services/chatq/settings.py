@@ -80,6 +80,14 @@ class ApiSettings(_Group):
     max_header_bytes: int = Field(32 * 1024, ge=1024)
     """Largest request line plus headers in bytes; larger gets 431 and the connection
     closes. Default 32768."""
+    send_timeout_seconds: float = Field(30.0, gt=0)
+    """How long a response may wait for a client that stopped reading it (its socket's
+    buffers full) before the connection is closed, in seconds; an unread SSE stream or
+    download then holds nothing. Default 30."""
+    max_held_per_key: int = Field(1000, ge=1)
+    """Long-polls (`?wait=`, `POST /v1/responses` waiting for its answer) and SSE streams
+    one API key may hold open at once on one api process (each process counts its own);
+    past it, 429 `too_many_held` with Retry-After. Default 1000."""
     max_wait_seconds: float = 60.0
     """Upper bound of `?wait=` long-polls, in seconds. Default 60."""
     response_wait_seconds: float = 600.0
@@ -173,7 +181,8 @@ class RedisSettings(_Group):
     """Connect timeout, and the longest a call waits for a free pooled connection; past
     it the API answers 503. Default 5 s."""
     max_connections: int = Field(512, ge=4)
-    """Redis connections per process (SSE streams hold one each). Default 512."""
+    """Redis connections per process; a long-poll or SSE stream holds none while it waits
+    (chatq.wakeups). Default 512."""
 
 
 class LlmSettings(_Group):

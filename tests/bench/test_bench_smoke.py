@@ -23,6 +23,7 @@ from tests.servers import REPO, chatq_env
     ("bench.rate_budget", "ratio chatq / peer (use)"),
     ("bench.peers.run", "ratio chatq / best peer, answers per CPU-s"),
     ("bench.soak", "ratio answered / accepted"),
+    ("bench.held", "ratio held / none"),
 ])
 def test_bench_quick(module: str, ratio_line: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--quick"], cwd=REPO, env=chatq_env(),

@@ -5,8 +5,8 @@ Each case checks the api's limit (408, 431, 413, 400: a 4xx, never a 500 or a ha
 that another client is served meanwhile: its question is accepted and answered while the
 hostile connections are open. The header limits are uvicorn's missing ones, added by
 chatq.api.protocol (CHATQ_API_HEADER_TIMEOUT_SECONDS, CHATQ_API_MAX_HEADER_BYTES); the
-body limit is CHATQ_API_MAX_BODY_BYTES. Many SSE streams that are never read are not here
-yet: see the README's "Guarantees" for what was measured and is still open.
+body limit is CHATQ_API_MAX_BODY_BYTES. Thousands of held long-polls and SSE streams, and
+clients that stop reading, are test_held_requests.py's.
 """
 
 from __future__ import annotations

@@ -30,10 +30,11 @@ from chatq import (
     quotas,
     results,
     telemetry,
+    wakeups,
     webhooks,
 )
 from chatq import settings as settings_mod
-from chatq.api import auth, deps, openai_errors
+from chatq.api import auth, deps, held, openai_errors
 from chatq.api.routes import batches, chat, files, health, responses
 from chatq.api.routes import webhooks as webhook_routes
 from chatq.queues import open_queue
@@ -195,7 +196,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: settings_mod.Settings = app.state.settings
     store = results.Store.from_settings(settings.redis)
     queue = open_queue(settings)
-    waiter = results.DoneWaiter(store.redis)
+    waiter = wakeups.Wakeups(store.redis)
     files_store = filestore.open_store(settings.files)
     cat = catalog.Catalog(store.redis)
     lane = open_queue(settings, lane="batch")
@@ -204,8 +205,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     limits = (quotas.Quotas(store.redis, quota_default, per_key)
               if per_key or not quota_default.unlimited else None)
     window = fair.open_fair(store.redis, settings)
-    app.state.services = services = deps.Services(settings, store, queue, waiter, cat, files_store,
-                                                  limits, window)
+    app.state.services = services = deps.Services(
+        settings, store, queue, waiter, held.Holds(settings.api.max_held_per_key), cat,
+        files_store, limits, window)
 
     async def batch_event(event: str, batch: catalog.BatchRecord) -> None:
         await webhooks.emit(store.redis, batch.owner, event, batch.id)

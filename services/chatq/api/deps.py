@@ -15,7 +15,8 @@ from chatq import catalog, filestore, results
 from chatq import fair as fair_mod
 from chatq import quotas as quotas_mod
 from chatq import settings as settings_mod
-from chatq.api import auth
+from chatq import wakeups as wakeups_mod
+from chatq.api import auth, held
 from chatq.queues import Queue
 
 OPEN_OWNER = "open"
@@ -61,7 +62,10 @@ class Services:
     settings: settings_mod.Settings
     store: results.Store
     queue: Queue
-    waiter: results.DoneWaiter
+    wakeups: wakeups_mod.Wakeups
+    """The one subscription that wakes this process's long-polls and SSE streams."""
+    holds: held.Holds
+    """Long-polls and SSE streams held open per key (CHATQ_API_MAX_HELD_PER_KEY)."""
     catalog: catalog.Catalog
     file_store: filestore.FileStore
     quotas: quotas_mod.Quotas | None = None

@@ -9,7 +9,11 @@ without end. Here, as nginx's `client_header_timeout` and `large_client_header_b
 - headers must be complete within `header_timeout` of the connection opening or of the
   first byte of the next request on it; past that, 408 and the connection is closed;
 - the request line and headers together may be at most `max_header_bytes`; past that,
-  431 and the connection is closed.
+  431 and the connection is closed;
+- a response may wait at most `send_timeout` for a client that stopped reading (its
+  socket's buffers full, uvicorn's writes paused): past that the connection is aborted,
+  as nginx's `send_timeout` does, so an unread SSE stream or download holds no memory and
+  no task for longer.
 
 Bodies are bounded apart (CHATQ_API_MAX_BODY_BYTES, the middleware's 413).
 """
@@ -32,7 +36,10 @@ class GuardedHttpToolsProtocol(httptools_impl.HttpToolsProtocol):
     header_timeout: float = 10.0
     max_header_bytes: int = 32 * 1024
 
+    send_timeout: float = 30.0
+
     _header_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
     _header_bytes: int = 0
     _refusal: int = 0
 
@@ -42,7 +49,28 @@ class GuardedHttpToolsProtocol(httptools_impl.HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout, self._client_gone)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _client_gone(self) -> None:
+        # The buffered bytes will never be read: drop them, and uvicorn's connection_lost
+        # tells the app (http.disconnect) so its stream ends.
+        self._send_timer = None
+        metrics.http_send_timeouts.inc()
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.cycle is None or self.cycle.response_complete:
@@ -108,4 +136,5 @@ class GuardedHttpToolsProtocol(httptools_impl.HttpToolsProtocol):
 def protocol_for(cfg: settings_mod.ApiSettings) -> type[GuardedHttpToolsProtocol]:
     """The protocol class uvicorn runs (`http=`), with this api's limits."""
     return type("ChatqHttpProtocol", (GuardedHttpToolsProtocol,), {
-        "header_timeout": cfg.header_timeout_seconds, "max_header_bytes": cfg.max_header_bytes})
+        "header_timeout": cfg.header_timeout_seconds, "max_header_bytes": cfg.max_header_bytes,
+        "send_timeout": cfg.send_timeout_seconds})

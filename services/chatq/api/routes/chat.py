@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -24,9 +26,14 @@ seed = APIRouter(tags=["seed routes"])
 
 JobId = Annotated[str, Path(description="The job id from POST /v1/chat.", max_length=64)]
 _EVENT_ID = re.compile(r"^\d+-\d+$")
-# Long-polls re-read the record at least this often, in case a wake-up was missed.
-WAIT_RECHECK_SECONDS = 1.0
-SSE_KEEPALIVE_MS = 15_000
+# Held requests wait on chatq.wakeups, and re-read Redis on their own only this often
+# (jittered, so thousands held at once do not re-read at once): a missed wake-up, or a
+# worker of an older version that does not tick, costs at most this. SSE streams send a
+# keep-alive comment then too, so proxies keep an idle stream open.
+RECHECK_SECONDS = 15.0
+# Events read, and sent in one write, at a time: what a stream whose client stopped
+# reading holds while it waits out CHATQ_API_SEND_TIMEOUT_SECONDS.
+EVENT_BATCH = 100
 
 
 class JobCreated(jobs.PublicView):
@@ -157,7 +164,9 @@ async def enqueue(svc: Services, job_id: str, owner: str, idem_key: str = "") ->
     metrics.jobs_enqueued.labels(queue.backend).inc()
 
 
-@router.get("/{job_id}", response_model=Job, summary="The job, optionally long-polled")
+@router.get("/{job_id}", response_model=Job, summary="The job, optionally long-polled",
+            responses={429: {"description": "The API key holds too many long-polls and streams "
+                                            "open (Retry-After)"}})
 async def get_chat(
     job_id: JobId, owner: OwnerDep, svc: ServicesDep,
     wait: Annotated[float, Query(ge=0, le=3600, description=(
@@ -166,30 +175,72 @@ async def get_chat(
     record = await load_owned(svc.store, job_id, owner)
     wait = min(wait, svc.settings.api.max_wait_seconds)
     if wait > 0 and not record.status.terminal:
-        record = await wait_terminal(svc, job_id, record, wait)
+        with svc.holds.hold(owner):
+            record = await wait_terminal(svc, job_id, record, wait)
     return Job.of(record)
+
+
+def recheck_seconds() -> float:
+    """How long a held request waits for a wake-up before it re-reads on its own."""
+    return RECHECK_SECONDS * random.uniform(0.75, 1.25)
 
 
 async def wait_terminal(svc: Services, job_id: str, record: jobs.JobRecord,
                         wait: float) -> jobs.JobRecord:
-    """The record once terminal, or as it stands after `wait` seconds."""
+    """The record once terminal, or as it stands after `wait` seconds. Waits on the
+    process's one subscription (chatq.wakeups): no Redis connection is held meanwhile."""
     deadline = time.monotonic() + wait
-    async with svc.waiter.watch(job_id) as done:
-        while not record.status.terminal:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                await asyncio.wait_for(asyncio.shield(done), min(left, WAIT_RECHECK_SECONDS))
-            except TimeoutError:
-                pass
+    async with svc.wakeups.watch(job_id) as woken:
+        while True:
+            woken.clear()  # then read: a wake-up from now on is not lost
             record = await svc.store.get(job_id) or record
-    return record
+            left = deadline - time.monotonic()
+            if record.status.terminal or left <= 0:
+                return record
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), min(left, recheck_seconds()))
+
+
+Events = list[tuple[str, dict[str, str]]]
+
+
+async def follow(svc: Services, job_id: str, after: str
+                 ) -> AsyncIterator[tuple[str, Events, jobs.JobRecord | None]]:
+    """A job's stream events after id `after`, as they come: ("events", a batch, None);
+    ("idle", [], None) when nothing came for a while (send a keep-alive); ("end", [],
+    the record or None when gone) when the stream is past its end without a `done` event
+    (expired, or the job is gone). Ends after the batch that holds `done`."""
+    store = svc.store
+    async with svc.wakeups.watch(job_id, events=True) as woken:
+        check = True
+        while True:
+            woken.clear()  # then read: a tick from now on is not lost
+            items = await store.read_events(job_id, after, block_ms=0, count=EVENT_BATCH)
+            if items:
+                after = items[-1][0]
+                yield "events", items, None
+                if any(fields.get("type") == "done" for _, fields in items):
+                    return
+                if len(items) == EVENT_BATCH:
+                    continue  # more to read now
+            elif check:
+                record = await store.get(job_id)
+                if record is None or record.status.terminal:
+                    yield "end", [], record
+                    return
+            try:
+                await asyncio.wait_for(woken.wait(), recheck_seconds())
+                check = False
+            except TimeoutError:
+                check = True
+                yield "idle", [], None
 
 
 @router.get("/{job_id}/events", summary="Server-Sent Events: token deltas, then `done`",
             response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}},
+                       429: {"description": "The API key holds too many long-polls and streams "
+                                            "open (Retry-After)"}})
 async def chat_events(
     job_id: JobId, owner: OwnerDep, svc: ServicesDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -197,34 +248,25 @@ async def chat_events(
     await load_owned(svc.store, job_id, owner)
     if last_event_id is not None and not _EVENT_ID.match(last_event_id):
         raise api_error(400, "bad_last_event_id", "Last-Event-ID must be an id this stream sent")
-    return StreamingResponse(_event_stream(svc.store, job_id, last_event_id or "0-0"),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return svc.holds.stream(owner, _event_stream(svc, job_id, last_event_id or "0-0"),
+                            media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _event_stream(store: results.Store, job_id: str, after: str) -> AsyncIterator[bytes]:
+async def _event_stream(svc: Services, job_id: str, after: str) -> AsyncIterator[bytes]:
     yield b"retry: 1000\n\n"
-    block = 0
-    while True:
-        items = await store.read_events(job_id, after, block_ms=block)
-        if not items:
-            record = await store.get(job_id)
-            if record is None or record.status.terminal:
-                # Already past the end (or gone): close with the outcome.
-                final = (Job.of(record).model_dump(mode="json") if record
-                         else {"id": job_id, "status": "expired"})
-                yield f"event: done\ndata: {json.dumps(final)}\n\n".encode()
-                return
-            if block:
-                yield b": keep-alive\n\n"
-            block = SSE_KEEPALIVE_MS
-            continue
-        for event_id, fields in items:
-            after = event_id
-            kind = fields.get("type", "message")
-            yield f"id: {event_id}\nevent: {kind}\ndata: {fields.get('data', '{}')}\n\n".encode()
-            if kind == "done":
-                return
+    async for kind, items, record in follow(svc, job_id, after):
+        if kind == "idle":
+            yield b": keep-alive\n\n"
+        elif kind == "end":
+            # Already past the end (or gone): close with the outcome.
+            final = (Job.of(record).model_dump(mode="json") if record
+                     else {"id": job_id, "status": "expired"})
+            yield f"event: done\ndata: {json.dumps(final)}\n\n".encode()
+        else:
+            yield "".join(f"id: {event_id}\nevent: {fields.get('type', 'message')}\n"
+                          f"data: {fields.get('data', '{}')}\n\n"
+                          for event_id, fields in items).encode()
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from chatq import jobs, results
 from chatq import responses as views
@@ -54,6 +54,8 @@ async def create_response(body: views.ResponseCreate, owner: OwnerDep,
         request = views.to_chat_request(body)
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="input", code="invalid_input") from None
+    if body.stream or not body.background:
+        svc.holds.check(owner)  # held open below: refused before the job is made
     job_id = jobs.new_job_id()
     settings = svc.settings
     # The key's quota, as on /v1/chat: a refusal is OpenAI's 429 (the SDKs' RateLimitError).
@@ -63,11 +65,13 @@ async def create_response(body: views.ResponseCreate, owner: OwnerDep,
         view={"background": body.background, "store": body.store})
     await chat.submit(svc, record)
     if body.stream:
-        return StreamingResponse(_stream(svc, record, -1, forget=not body.store),
-                                 media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **limits})
+        return svc.holds.stream(owner, _stream(svc, record, -1, forget=not body.store),
+                                media_type="text/event-stream",
+                                headers={**_SSE_HEADERS, **limits})
     if not body.background:
-        record = await chat.wait_terminal(svc, job_id, record, settings.api.response_wait_seconds)
+        with svc.holds.hold(owner):
+            record = await chat.wait_terminal(svc, job_id, record,
+                                              settings.api.response_wait_seconds)
         if not body.store and record.status.terminal:
             await svc.store.delete(job_id)
     return JSONResponse(views.view(record.model_dump()), headers=limits or None)
@@ -83,8 +87,8 @@ async def get_response(
 ) -> Any:
     record = await _load(svc.store, response_id, owner)
     if stream:
-        return StreamingResponse(_stream(svc, record, starting_after), headers=_SSE_HEADERS,
-                                 media_type="text/event-stream")
+        return svc.holds.stream(owner, _stream(svc, record, starting_after),
+                                headers=_SSE_HEADERS, media_type="text/event-stream")
     return JSONResponse(views.view(record.model_dump()))
 
 
@@ -111,33 +115,23 @@ def _sse(event: dict[str, Any]) -> bytes:
             f"data: {json.dumps(event, separators=(',', ':'))}\n\n").encode()
 
 
-async def _job_events(store: results.Store, job_id: str
+async def _job_events(svc: Services, job_id: str
                      ) -> AsyncIterator[tuple[str, dict[str, Any], dict[str, Any] | None]]:
     """(kind, data, terminal record) for each event of the job's Redis stream, following it
-    live; None as kind is a keep-alive tick. Ends after `done`, or when the job is gone."""
-    after, block = "0-0", 0
-    while True:
-        items = await store.read_events(job_id, after, block_ms=block)
-        if not items:
-            current = await store.get(job_id)
-            if current is None:
-                return  # deleted or expired: nothing more will come
-            if current.status.terminal:
-                # The done event is written with the outcome, so it was trimmed with an
-                # expired stream: close with the outcome anyway.
-                yield "done", {}, current.model_dump()
-                return
-            if block:
-                yield "", {}, None
-            block = SSE_KEEPALIVE_MS
-            continue
-        for event_id, fields in items:
-            after = event_id
+    live (chat.follow); None as kind is a keep-alive tick. Ends after `done`, or when the
+    job is gone."""
+    async for what, items, record in chat.follow(svc, job_id, "0-0"):
+        if what == "idle":
+            yield "", {}, None
+        elif what == "end":
+            # The done event is written with the outcome, so it was trimmed with an expired
+            # stream: close with the outcome anyway (gone: nothing more will come).
+            if record is not None:
+                yield "done", {}, record.model_dump()
+        for _, fields in items:
             kind = fields.get("type", "")
-            final = await store.get(job_id) if kind == "done" else None
+            final = await svc.store.get(job_id) if kind == "done" else None
             yield kind, json.loads(fields.get("data") or "{}"), final.model_dump() if final else None
-            if kind == "done":
-                return
 
 
 async def _stream(svc: Services, record: jobs.JobRecord, starting_after: int,
@@ -150,7 +144,7 @@ async def _stream(svc: Services, record: jobs.JobRecord, starting_after: int,
         for event in mapper.opening():
             if event["sequence_number"] > starting_after:
                 yield _sse(event)
-        async for kind, data, final in _job_events(svc.store, job_id):
+        async for kind, data, final in _job_events(svc, job_id):
             if not kind:
                 yield b": keep-alive\n\n"
             for event in mapper.feed(kind, data, final):
