@@ -32,6 +32,8 @@ import yaml
 from chatq import client as chatq_client
 from conftest import CHART, Kube, RealNode, real_namespace_for
 
+from tests import servers
+
 # The first test also waits for the session's real node and its image load (minutes on a busy CI).
 pytestmark = pytest.mark.timeout(900)
 
@@ -138,6 +140,13 @@ class Release:
     def exec(self, pod: str, *cmd: str, container: str | None = None) -> str:
         extra = ["-c", container] if container else []
         return self.kube.kubectl("exec", "-n", self.namespace, pod, *extra, "--", *cmd, timeout=60).stdout
+
+    def needs_local_node(self, why: str) -> None:
+        """Tests that reach into the node from the host run only on the local real node: on a
+        cluster from KUBECONFIG (kind) they skip saying why, and in CI (CI=true) they fail,
+        since CI runs them on the local node and nothing may hide behind a skip there."""
+        if self.node.local is None:
+            servers.unavailable(f"{why}; CI runs this on the local real node (k8s-tests/node.py)")
 
     def host_pid(self, pod: dict[str, Any]) -> int:
         """The host PID of the pod's first container (for signals from outside, as the kernel sends)."""
@@ -319,9 +328,7 @@ def test_worker_sigterm_mid_answer_finishes_or_hands_back(release: Release) -> N
 
 
 def test_worker_sigkill_mid_answer_still_one_answer(release: Release) -> None:
-    if release.node.local is None:
-        pytest.skip("a cluster from KUBECONFIG (kind) gives the host no PID to SIGKILL; CI runs "
-                    "this on the local real node")
+    release.needs_local_node("a cluster from KUBECONFIG (kind) gives the host no PID to SIGKILL")
     job_id = running_job(release, "Killed hard")
     pod = release.ready_pods("worker")[0]
     before = release.restarts(pod["metadata"]["name"])
@@ -333,9 +340,7 @@ def test_worker_sigkill_mid_answer_still_one_answer(release: Release) -> None:
 
 @pytest.mark.parametrize("release", ["redis"], indirect=True)  # the liveness probe is queue-blind
 def test_frozen_worker_is_restarted_by_the_kubelet(release: Release) -> None:
-    if release.node.local is None:
-        pytest.skip("a cluster from KUBECONFIG (kind) gives the host no PID to SIGSTOP; CI runs "
-                    "this on the local real node")
+    release.needs_local_node("a cluster from KUBECONFIG (kind) gives the host no PID to SIGSTOP")
     pod = release.kube.wait_for("a Ready worker", lambda: release.ready_pods("worker"), timeout=120)[0]
     name = pod["metadata"]["name"]
     before = release.restarts(name)
@@ -460,9 +465,8 @@ def test_helm_upgrade_under_steady_load_answers_every_job_once(release: Release)
     and every accepted job ends succeeded with one answer. The new api pod takes traffic only
     once Ready (maxUnavailable 0), the old one keeps serving through its preStop pause while
     its endpoint leaves kube-proxy's rules, then drains; old workers drain their jobs."""
-    if release.node.local is None:
-        pytest.skip("the host reaches ClusterIPs only on the local real node (kube-proxy programs this "
-                    "host's iptables); CI runs this there")
+    release.needs_local_node("the host reaches ClusterIPs only on the local real node (kube-proxy "
+                             "programs this host's iptables)")
     kube, ns = release.kube, release.namespace
     kube.wait_for("a Ready api and worker",
                   lambda: release.ready_pods("api") and release.ready_pods("worker"), timeout=120)
