@@ -404,7 +404,9 @@ def test_spec_edits_take_effect(cluster: Cluster, operator: Operator, sqs: Sqs) 
     wait_until(lambda: cluster.replicas("worker") == 3, "maxReplicas 3 to apply", 2 * POLL + 3)
     cluster.edit("qs", {"maxReplicas": 10, "messagesPerReplica": 20})
     wait_until(lambda: cluster.replicas("worker") == 2, "messagesPerReplica 20 to apply", 10)
-    assert cluster.status("qs")["observedGeneration"] == 3
+    # The scale is written before the status that records it: wait for the status too.
+    wait_until(lambda: cluster.status("qs").get("observedGeneration") == 3,
+               "observedGeneration 3 in the status", 2 * POLL + 3)
 
 
 def test_deleting_the_queuescaler_stops_scaling(cluster: Cluster, operator: Operator, sqs: Sqs) -> None:

@@ -145,13 +145,17 @@ async def test_held_requests_are_capped_per_key(stack_factory: StackFactory) -> 
     async with httpx.AsyncClient(base_url=stack.url, timeout=30, headers=bearer_a) as http:
         held = [asyncio.create_task(http.get(f"/v1/chat/{i}", params={"wait": 300}))
                 for i in ids[:2]]
+        # Held once the api has them (the gauge says so); only then the stream and the one
+        # over the cap, so no request of this test races another for the last place.
+        for _ in range(300):
+            if "\nchatq_http_held 2.0\n" in (await http.get("/metrics")).text:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail(f"the two long-polls were never both held: {[t.done() for t in held]}")
         async with http.stream("GET", f"/v1/chat/{ids[2]}/events") as stream:
             assert stream.status_code == 200
-            for _ in range(600):  # the two long-polls are held once the api has them
-                over = await http.get(f"/v1/chat/{ids[3]}", params={"wait": 0.01})
-                if over.status_code == 429:
-                    break
-                await asyncio.sleep(0.1)
+            over = await http.get(f"/v1/chat/{ids[3]}", params={"wait": 0.01})
             assert over.status_code == 429 and over.headers["Retry-After"] == "1", over.text
             assert over.json()["error"]["code"] == "too_many_held"
             sse = await http.get(f"/v1/chat/{ids[3]}/events")
