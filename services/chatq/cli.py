@@ -60,6 +60,7 @@ def cmd_api(settings: settings_mod.Settings) -> None:
     # timeout_keep_alive (5 s) bounds the idle time between requests.
     uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_config=None,
                 access_log=False, http=protocol.protocol_for(settings.api),
+                forwarded_allow_ips=settings.api.forwarded_allow_ips,
                 timeout_graceful_shutdown=int(settings.api.max_wait_seconds) + 5)
 
 

@@ -84,14 +84,17 @@ def events_key(job_id: str) -> str:
     return f"chatq:job:{job_id}:events"
 
 
+_TICK_PREFIX, _TICK_SUFFIX = "chatq:job:", ":tick"
+
+
 def tick_channel(job_id: str) -> str:
     """The channel told each time a job's event stream grows (chatq.wakeups)."""
-    return f"chatq:job:{job_id}:tick"
+    return f"{_TICK_PREFIX}{job_id}{_TICK_SUFFIX}"
 
 
 def job_of_tick_channel(channel: str) -> str:
     """The job id of a tick_channel name."""
-    return channel.removeprefix("chatq:job:").removesuffix(":tick")
+    return channel.removeprefix(_TICK_PREFIX).removesuffix(_TICK_SUFFIX)
 
 
 def idempotency_key(owner: str, key: str) -> str:

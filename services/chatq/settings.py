@@ -109,6 +109,11 @@ class ApiSettings(_Group):
     it, that address's keys are refused with 429 and Retry-After before they are checked,
     except keys that already worked from it (chatq.api.auth). 0 turns the limit off.
     Default 20."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Comma-separated addresses or networks (`10.0.0.0/8`) of proxies whose
+    `X-Forwarded-For` names the client, `*` for any: the source address that auth failures
+    are counted per, and that logs show. Behind an ingress, name its pods' network, else
+    every client counts as the ingress. Default 127.0.0.1 (uvicorn's)."""
     cors_origins: str = ""
     """Comma-separated origins (`https://app.example.com`) whose browser pages may call the
     API (CORS), or `*` for any; empty (the default) sends no CORS headers, so browsers

@@ -207,3 +207,29 @@ def test_brute_forced_keys_get_429_and_keys_that_worked_still_work(
     assert "failed authentications a minute from 127.0.0.1" in logs
     leaked = [k for k in (right, fresh, *guesses) if k in logs or k[6:] in logs]
     assert not leaked, f"the api log holds {len(leaked)} presented keys"
+
+
+def test_failed_keys_are_counted_per_client_behind_a_trusted_proxy_only(
+        stack_factory: StackFactory) -> None:
+    # The "ingress" connects from 127.0.0.2 and is trusted; a client on 127.0.0.1 is not.
+    stack = stack_factory("redis", workers=0, CHATQ_API_KEYS=f"right-{uuid.uuid4().hex}",
+                          CHATQ_API_AUTH_FAILURES_PER_MINUTE="3",
+                          CHATQ_API_FORWARDED_ALLOW_IPS="127.0.0.2")
+
+    def guesses(http: httpx.Client, forwarded_for: str, n: int = 4) -> list[int]:
+        return [http.get("/v1/chat/0a", headers={
+            "Authorization": f"Bearer guess-{uuid.uuid4().hex}",
+            "X-Forwarded-For": forwarded_for}).status_code for _ in range(n)]
+
+    proxy = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=stack.url, timeout=10, transport=proxy) as ingress:
+        # Behind the trusted proxy, each client has its own bucket.
+        assert guesses(ingress, "10.0.0.1") == [401, 401, 401, 429]
+        assert guesses(ingress, "10.0.0.2", 1) == [401]
+    with httpx.Client(base_url=stack.url, timeout=10) as direct:
+        # From an untrusted address the header is the client's word: rotating it helps
+        # nobody, all count as 127.0.0.1.
+        assert [guesses(direct, f"10.1.0.{i}", 1)[0] for i in range(4)] == [401, 401, 401, 429]
+    logs = stack.api.logs()
+    assert "failed authentications a minute from 10.0.0.1" in logs
+    assert "from 127.0.0.1" in logs and "from 10.1.0." not in logs

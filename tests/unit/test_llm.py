@@ -75,3 +75,41 @@ def test_connection_refused_is_model_unavailable() -> None:
 @pytest.mark.parametrize(("text", "tokens"), [("", 0), ("abc", 1), ("a" * 40, 10)])
 def test_estimated_tokens(text: str, tokens: int) -> None:
     assert llm.estimate_tokens(text) == tokens
+
+
+@pytest.mark.parametrize(("chunks", "texts", "finish", "usage", "model"), [
+    # OpenAI's shape: text deltas, then the finish_reason, then usage with no choices
+    ([{"model": "gpt-x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+      {"choices": [{"delta": {"content": "Hel"}, "finish_reason": None}], "usage": None},
+      {"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]},
+      {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}}],
+     ["Hel", "lo"], "stop", {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+     "gpt-x"),
+    # llama.cpp: usage and timings on the last chunk, beside the finish_reason
+    ([{"choices": [{"delta": {"content": "x"}}], "model": "qwen"},
+      {"choices": [{"delta": {}, "finish_reason": "length"}], "timings": {"predicted_n": 1},
+       "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}],
+     ["x"], "length", {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}, "qwen"),
+    # what is not OpenAI's shape says nothing (and breaks nothing)
+    ([[1, 2], "text", {"choices": ["a", {"delta": "b"}, {"delta": {"content": 3}}]},
+      {"choices": None, "model": 7, "usage": "n/a"}, {"choices": 5},
+      {"choices": [], "usage": {"prompt_tokens": "x", "completion_tokens": None}}],
+     [], None, {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}, "asked"),
+])
+def test_a_stream_is_read_from_its_json_chunks(chunks: list[object], texts: list[str],
+                                               finish: str | None, usage: dict[str, int],
+                                               model: str) -> None:
+    got = llm._Reading("asked")
+    assert [t for chunk in chunks for t in got.take(chunk)] == texts
+    assert (got.finish, got.usage, got.model) == (finish, usage, model)
+
+
+def test_a_chunk_object_reads_as_its_json() -> None:
+    # Traced, the SDK's chunk objects come in (the instrumentation reads them): the same.
+    from openai.types.chat import ChatCompletionChunk
+
+    chunk = ChatCompletionChunk.model_validate({
+        "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+    got = llm._Reading("asked")
+    assert got.take(chunk.to_dict()) == ["hi"] and (got.finish, got.model) == ("stop", "m")

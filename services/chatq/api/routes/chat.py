@@ -172,11 +172,16 @@ async def get_chat(
     wait: Annotated[float, Query(ge=0, le=3600, description=(
         "Seconds to wait for the job to finish (bounded by CHATQ_API_MAX_WAIT_SECONDS)."))] = 0,
 ) -> Job:
-    record = await load_owned(svc.store, job_id, owner)
     wait = min(wait, svc.settings.api.max_wait_seconds)
-    if wait > 0 and not record.status.terminal:
-        with svc.holds.hold(owner):
-            record = await wait_terminal(svc, job_id, record, wait)
+    if wait <= 0:
+        return Job.of(await load_owned(svc.store, job_id, owner))
+    # Watched before the first read, so that read is also the wait's first: one Redis
+    # read per long-poll, not two (a burst of thousands waits on the pool half as long).
+    async with svc.wakeups.watch(job_id) as woken:
+        record = await load_owned(svc.store, job_id, owner)
+        if not record.status.terminal:
+            with svc.holds.hold(owner):
+                record = await wait_terminal(svc, job_id, record, wait, woken)
     return Job.of(record)
 
 
@@ -185,15 +190,22 @@ def recheck_seconds() -> float:
     return RECHECK_SECONDS * random.uniform(0.75, 1.25)
 
 
-async def wait_terminal(svc: Services, job_id: str, record: jobs.JobRecord,
-                        wait: float) -> jobs.JobRecord:
+async def wait_terminal(svc: Services, job_id: str, record: jobs.JobRecord, wait: float,
+                        woken: asyncio.Event | None = None) -> jobs.JobRecord:
     """The record once terminal, or as it stands after `wait` seconds. Waits on the
-    process's one subscription (chatq.wakeups): no Redis connection is held meanwhile."""
+    process's one subscription (chatq.wakeups): no Redis connection is held meanwhile.
+    `woken`: the caller's watch of the job, opened before it read `record` (which is then
+    not read again at once); without it, one is opened here and the record re-read."""
     deadline = time.monotonic() + wait
-    async with svc.wakeups.watch(job_id) as woken:
+    async with contextlib.AsyncExitStack() as scope:
+        fresh = woken is not None
+        if woken is None:
+            woken = await scope.enter_async_context(svc.wakeups.watch(job_id))
         while True:
-            woken.clear()  # then read: a wake-up from now on is not lost
-            record = await svc.store.get(job_id) or record
+            if not fresh:
+                woken.clear()  # then read: a wake-up from now on is not lost
+                record = await svc.store.get(job_id) or record
+            fresh = False
             left = deadline - time.monotonic()
             if record.status.terminal or left <= 0:
                 return record
@@ -204,12 +216,14 @@ async def wait_terminal(svc: Services, job_id: str, record: jobs.JobRecord,
 Events = list[tuple[str, dict[str, str]]]
 
 
-async def follow(svc: Services, job_id: str, after: str
+async def follow(svc: Services, job_id: str, after: str, loaded: jobs.JobRecord | None = None
                  ) -> AsyncIterator[tuple[str, Events, jobs.JobRecord | None]]:
     """A job's stream events after id `after`, as they come: ("events", a batch, None);
     ("idle", [], None) when nothing came for a while (send a keep-alive); ("end", [],
     the record or None when gone) when the stream is past its end without a `done` event
-    (expired, or the job is gone). Ends after the batch that holds `done`."""
+    (expired, or the job is gone). Ends after the batch that holds `done`. `loaded`: the
+    record as the caller just read it, used for the first check instead of a re-read (a
+    job that ended since has its `done` in the stream, read after the watch is open)."""
     store = svc.store
     async with svc.wakeups.watch(job_id, events=True) as woken:
         check = True
@@ -224,7 +238,7 @@ async def follow(svc: Services, job_id: str, after: str
                 if len(items) == EVENT_BATCH:
                     continue  # more to read now
             elif check:
-                record = await store.get(job_id)
+                record, loaded = loaded or await store.get(job_id), None
                 if record is None or record.status.terminal:
                     yield "end", [], record
                     return
@@ -245,17 +259,19 @@ async def chat_events(
     job_id: JobId, owner: OwnerDep, svc: ServicesDep,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    await load_owned(svc.store, job_id, owner)
+    record = await load_owned(svc.store, job_id, owner)
     if last_event_id is not None and not _EVENT_ID.match(last_event_id):
         raise api_error(400, "bad_last_event_id", "Last-Event-ID must be an id this stream sent")
-    return svc.holds.stream(owner, _event_stream(svc, job_id, last_event_id or "0-0"),
+    return svc.holds.stream(owner, _event_stream(svc, record, last_event_id or "0-0"),
                             media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _event_stream(svc: Services, job_id: str, after: str) -> AsyncIterator[bytes]:
+async def _event_stream(svc: Services, loaded: jobs.JobRecord, after: str
+                        ) -> AsyncIterator[bytes]:
+    job_id = loaded.id
     yield b"retry: 1000\n\n"
-    async for kind, items, record in follow(svc, job_id, after):
+    async for kind, items, record in follow(svc, job_id, after, loaded):
         if kind == "idle":
             yield b": keep-alive\n\n"
         elif kind == "end":
