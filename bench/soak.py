@@ -160,10 +160,9 @@ def main() -> None:
         ids = [i for _, i in accepted]
         dones = [sum(1 for _, e in r.xrange(f"chatq:job:{i}:events") if e.get("type") == "done")
                  for i in ids]
-        no_ttl = Counter(k if k.count(":") < 2 else k.rsplit(":", 1)[0] + ":*"
-                         for k in r.scan_iter("chatq:*", count=1000) if r.ttl(k) == -1)
-        # Each key without a TTL and how much it holds: bounded ones stay small.
+        # Each key without a TTL, by family, and how much it holds: bounded ones stay small.
         sizes = {k: size_of(r, k) for k in r.scan_iter("chatq:*", count=1000) if r.ttl(k) == -1}
+        no_ttl = Counter(k if k.count(":") < 2 else k.rsplit(":", 1)[0] + ":*" for k in sizes)
         r.close()
     final = out["final"]
     answered = sum(1 for j in final.values() if j["status"] == "succeeded")

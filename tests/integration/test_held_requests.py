@@ -132,6 +132,16 @@ async def test_thousands_held_and_another_client_served(stack_factory: StackFact
           f"{time.monotonic() - started:.1f}s once their jobs were sent")
 
 
+async def held_reaches(http: httpx.AsyncClient, n: int, failure: str) -> None:
+    """Wait (30 s at most) for the api's held gauge to read n, else fail with `failure`.
+    Async, not servers.poll: that blocks the loop the held requests are sent from."""
+    for _ in range(300):
+        if f"\nchatq_http_held {n}.0\n" in (await http.get("/metrics")).text:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(failure)
+
+
 async def test_held_requests_are_capped_per_key(stack_factory: StackFactory) -> None:
     stack = stack_factory("redis", workers=0, CHATQ_API_MAX_HELD_PER_KEY="3",
                           CHATQ_API_KEYS="key-a,key-b", CHATQ_API_MAX_WAIT_SECONDS="300")
@@ -147,12 +157,8 @@ async def test_held_requests_are_capped_per_key(stack_factory: StackFactory) -> 
                 for i in ids[:2]]
         # Held once the api has them (the gauge says so); only then the stream and the one
         # over the cap, so no request of this test races another for the last place.
-        for _ in range(300):
-            if "\nchatq_http_held 2.0\n" in (await http.get("/metrics")).text:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail(f"the two long-polls were never both held: {[t.done() for t in held]}")
+        await held_reaches(http, 2, f"the two long-polls were never both held: "
+                                    f"{[t.done() for t in held]}")
         async with http.stream("GET", f"/v1/chat/{ids[2]}/events") as stream:
             assert stream.status_code == 200
             over = await http.get(f"/v1/chat/{ids[3]}", params={"wait": 0.01})
@@ -191,12 +197,7 @@ async def test_a_held_request_reads_its_record_once_before_it_waits(
     streams = await hold(stack, [f"/v1/chat/{i}/events" for i in stream_ids],
                          head_until=b"retry: 1000\n\n")
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
-        for _ in range(300):
-            if f"\nchatq_http_held {2 * n}.0\n" in (await http.get("/metrics")).text:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("the held requests never all reached the api")
+        await held_reaches(http, 2 * n, "the held requests never all reached the api")
         await asyncio.sleep(1)  # a stream reads its record after its head: let them
         reads = await hgetall_calls(stack) - before
     for _, writer in polls + streams:
