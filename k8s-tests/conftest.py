@@ -41,6 +41,7 @@ import yaml
 REPO = controlplane.REPO
 if str(REPO) not in sys.path:  # tests.containers (the images) when k8s-tests run alone
     sys.path.insert(0, str(REPO))
+from tests import servers  # noqa: E402
 from tests.containers.conftest import chatq_images, docker  # noqa: E402,F401  (fixtures)
 
 CHART = REPO / "charts" / "chatq"
@@ -326,6 +327,20 @@ def real_namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Itera
     """A fresh namespace on the real node, named after the test."""
     with real_namespace_for(real_node, request.node.name) as name:
         yield name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist every test here runs on one worker (tests/conftest.py groups the
+    rest): the local control plane is one per machine. Repeated when both trees run, as
+    k8s-tests can run alone."""
+    for item in items:
+        if item.path.is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.xdist_group("machine"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    servers.hand_section(session.config, "real node figures",
+                         {name: f"{seconds:.1f} s" for name, seconds in node_mod.FIGURES.items()})
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

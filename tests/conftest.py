@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,45 @@ import pytest
 from tests import servers
 
 BACKENDS = ["redis", "sqs"]
+
+
+# Under pytest-xdist (scripts/test runs `-n`), the tests that share one machine-wide thing
+# run on one worker, in order: the local control plane and its real node, the Docker
+# engine's images and stacks (both trees use them), the llama.cpp model, and the benchmarks'
+# smoke runs (each loads the box on its own; side by side they would only slow each other).
+# Everything else is spread over the workers as they free up (`--dist loadgroup`).
+XDIST_GROUPS = {"k8s-tests/": "machine", "tests/containers/": "machine",
+                "tests/integration/test_llamacpp.py": "llama", "tests/bench/": "bench"}
+
+
+def xdist_group(relpath: str) -> str | None:
+    """The worker group of a test file (its path from the repository root), or None."""
+    return next((group for prefix, group in XDIST_GROUPS.items() if relpath.startswith(prefix)),
+                None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = xdist_group(item.path.relative_to(config.rootpath).as_posix())
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Summary sections the xdist workers gathered (servers.hand_section), printed once at the end.
+WORKER_SECTIONS: dict[str, dict[str, str]] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    for title, lines in getattr(node, "workeroutput", {}).get("sections", {}).items():
+        WORKER_SECTIONS.setdefault(title, {}).update(lines)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for title, lines in WORKER_SECTIONS.items():
+        terminalreporter.section(title)
+        for key, value in lines.items():
+            terminalreporter.write_line(f"{key}: {value}")
 
 
 def _require(what: str, exc: Exception) -> None:

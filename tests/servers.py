@@ -33,6 +33,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def hand_section(config: pytest.Config, title: str, lines: dict[str, str]) -> None:
+    """Under pytest-xdist, give a summary section this worker gathered to the controller,
+    which prints it (tests/conftest.py); a worker's own terminal summary is never shown."""
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None and lines:
+        workeroutput.setdefault("sections", {})[title] = dict(lines)
+
+
 def unavailable(message: str) -> NoReturn:
     """A prerequisite is missing: skip, saying why and what to run; in CI (CI=true) fail,
     since nothing an issue asks for may hide behind a skip there."""

@@ -253,6 +253,10 @@ def stack(
         st.down()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    servers.hand_section(session.config, "containers tier", REPORT)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if REPORT:
         terminalreporter.section("containers tier")

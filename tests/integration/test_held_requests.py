@@ -206,6 +206,26 @@ async def test_a_held_request_reads_its_record_once_before_it_waits(
     assert 2 * n <= reads < 3 * n, f"{reads} record reads for {n} long-polls and {n} streams"
 
 
+async def test_a_waiting_response_reads_no_record_before_it_waits(
+        stack_factory: StackFactory) -> None:
+    # POST /v1/responses without background holds the request until the answer: its watch
+    # opens before the job is written, so the record it has just written is the wait's
+    # first read (it read each one back once before).
+    stack = stack_factory("redis", workers=0, CHATQ_API_RESPONSE_WAIT_SECONDS="300")
+    n = 50
+    before = await hgetall_calls(stack)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=600) as http:
+        posts = [asyncio.create_task(http.post("/v1/responses", json={"model": "m", "input": f"q{i}"}))
+                 for i in range(n)]
+        await held_reaches(http, n, "the waiting responses never all reached the api")
+        reads = await hgetall_calls(stack) - before
+        for post in posts:
+            post.cancel()
+        await asyncio.gather(*posts, return_exceptions=True)
+    # A few from the api's own rounds (its batch feeder); n more with a read per response.
+    assert reads < n // 2, f"{reads} record reads for {n} waiting responses"
+
+
 def test_a_response_whose_client_stopped_reading_is_closed(stack_factory: StackFactory) -> None:
     # A download bigger than the kernel's socket buffers can take (tcp_wmem's 4 MiB), to a
     # client with a small receive buffer that reads the head and stops: the api must not

@@ -63,17 +63,22 @@ async def create_response(body: views.ResponseCreate, owner: OwnerDep,
     record = jobs.JobRecord.queued(
         job_id, owner, request, settings.llm_model, settings.uses_simulator, kind=views.KIND,
         view={"background": body.background, "store": body.store})
-    await chat.submit(svc, record)
+    if body.stream or body.background:
+        await chat.submit(svc, record)
+    else:
+        # Watched before the job exists: the record just written is the wait's first read,
+        # and its wake-up cannot come too early to be seen.
+        async with svc.wakeups.watch(job_id) as woken:
+            await chat.submit(svc, record)
+            with svc.holds.hold(owner):
+                record = await chat.wait_terminal(svc, job_id, record,
+                                                  settings.api.response_wait_seconds, woken)
+        if not body.store and record.status.terminal:
+            await svc.store.delete(job_id)
     if body.stream:
         return svc.holds.stream(owner, _stream(svc, record, -1, forget=not body.store),
                                 media_type="text/event-stream",
                                 headers={**_SSE_HEADERS, **limits})
-    if not body.background:
-        with svc.holds.hold(owner):
-            record = await chat.wait_terminal(svc, job_id, record,
-                                              settings.api.response_wait_seconds)
-        if not body.store and record.status.terminal:
-            await svc.store.delete(job_id)
     return JSONResponse(views.view(record.model_dump()), headers=limits or None)
 
 
