@@ -330,9 +330,9 @@ def real_namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Itera
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist every test here runs on one worker (tests/conftest.py groups the
-    rest): the local control plane is one per machine. Repeated when both trees run, as
-    k8s-tests can run alone."""
+    """Under pytest-xdist every test here runs on one worker, with tests/containers (the
+    images; tests/conftest.py groups the rest): the local control plane is one per machine.
+    Here, not there, so that it holds when k8s-tests run alone."""
     for item in items:
         if item.path.is_relative_to(Path(__file__).parent):
             item.add_marker(pytest.mark.xdist_group("machine"))

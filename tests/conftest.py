@@ -21,12 +21,13 @@ BACKENDS = ["redis", "sqs"]
 
 
 # Under pytest-xdist (scripts/test runs `-n`), the tests that share one machine-wide thing
-# run on one worker, in order: the local control plane and its real node, the Docker
-# engine's images and stacks (both trees use them), the llama.cpp model, and the benchmarks'
-# smoke runs (each loads the box on its own; side by side they would only slow each other).
-# Everything else is spread over the workers as they free up (`--dist loadgroup`).
-XDIST_GROUPS = {"k8s-tests/": "machine", "tests/containers/": "machine",
-                "tests/integration/test_llamacpp.py": "llama", "tests/bench/": "bench"}
+# run on one worker, in order: the Docker engine's images and stacks (with the local control
+# plane and its real node, which use them: k8s-tests/conftest.py puts its own tests in the
+# same group), the llama.cpp model, and the benchmarks' smoke runs (each loads the box on its
+# own; side by side they would only slow each other). Everything else is spread over the
+# workers as they free up (`--dist loadgroup`).
+XDIST_GROUPS = {"tests/containers/": "machine", "tests/integration/test_llamacpp.py": "llama",
+                "tests/bench/": "bench"}
 
 
 def xdist_group(relpath: str) -> str | None:
