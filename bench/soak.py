@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import psutil
 import redis
+from chatq import settings
 
 from bench import harness
 from tests import servers
@@ -116,6 +117,18 @@ def settle(redis_url: str, ids: list[str], timeout: float) -> dict[str, dict[str
     return final
 
 
+async def sample_fds(pid: int, redis_port: int, every: float,
+                     into: list[tuple[float, int, int]]) -> None:
+    """The api's open file descriptors and, of them, its Redis connections, every `every` s:
+    a leak climbs; a connection pool grows to its busiest moment so far and stays there."""
+    proc = psutil.Process(pid)
+    while True:
+        to_redis = sum(1 for c in proc.net_connections("tcp")
+                       if c.raddr and c.raddr.port == redis_port)
+        into.append((time.monotonic(), proc.num_fds(), to_redis))
+        await asyncio.sleep(every)
+
+
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else float("nan")
@@ -160,15 +173,18 @@ def main() -> None:
             started = time.monotonic()
             task = asyncio.create_task(load(api.url, args.rate, seconds, soak, args.kill_every,
                                             accepted, refused))
+            fds: list[tuple[float, int, int]] = []
+            sampler = asyncio.create_task(sample_fds(api.proc.pid, rserver.port, 5, fds))
             await asyncio.sleep(warmup)
             early = {w.proc.pid: rss_mib(w.proc.pid) for w in soak.workers}
             api_early, fds_early = rss_mib(api.proc.pid), psutil.Process(api.proc.pid).num_fds()
             await task
+            sampler.cancel()
             ids = [i for _, i in accepted]
             final = await asyncio.to_thread(settle, rserver.url, ids, 120)
             survivors = {w.proc.pid: rss_mib(w.proc.pid) for w in soak.workers}
             return {"started": started, "early": early, "api_early": api_early,
-                    "fds_early": fds_early, "final": final, "survivors": survivors,
+                    "fds_early": fds_early, "fds": fds, "final": final, "survivors": survivors,
                     "api_late": rss_mib(api.proc.pid),
                     "fds_late": psutil.Process(api.proc.pid).num_fds()}
 
@@ -198,6 +214,10 @@ def main() -> None:
     took += [(created[i] - t0, math.inf) for i in ids if i not in final]
     early_s = [d for at, d in took if at < fifth]
     late_s = [d for at, d in took if at >= seconds - fifth]
+    fds_first, redis_first = (max((s[k] for s in out["fds"] if s[0] - t0 < fifth), default=0)
+                              for k in (1, 2))
+    fds_last, redis_last = (max((s[k] for s in out["fds"] if s[0] - t0 >= seconds - fifth),
+                                default=0) for k in (1, 2))
     growth = {pid: (out["early"][pid], mib) for pid, mib in out["survivors"].items() if pid in out["early"]}
     ratio = answered / max(1, len(accepted))
     rows = [
@@ -207,7 +227,12 @@ def main() -> None:
         ("worker kills", str(soak.kills), f"every {args.kill_every:.0f}s"),
         ("api RSS MiB", f"{out['api_early']:.1f} -> {out['api_late']:.1f}",
          f"{(out['api_late'] / out['api_early'] - 1) * 100:+.1f}% after {warmup:.0f}s warm-up"),
-        ("api open fds", f"{out['fds_early']} -> {out['fds_late']}", ""),
+        ("api open fds", f"{out['fds_early']} -> {out['fds_late']}", "after warm-up -> after settling"),
+        ("api open fds, most in first fifth", str(fds_first),
+         f"last fifth {fds_last} (sampled every 5 s; a leak climbs)"),
+        ("  of them to Redis", str(redis_first),
+         f"last fifth {redis_last} (the pool keeps what it opened; at most "
+         f"{settings.RedisSettings.model_fields['max_connections'].default}, its size)"),
         *[(f"worker {pid} RSS MiB", f"{a:.1f} -> {b:.1f}", f"{(b / a - 1) * 100:+.1f}%")
           for pid, (a, b) in growth.items()],
         ("accepted/s first fifth", f"{first:.1f}", f"last fifth {last:.1f}"),
@@ -222,6 +247,8 @@ def main() -> None:
         "accepted": len(accepted), "answered": answered, "failed": dict(failed),
         "duplicates": duplicates, "kills": soak.kills, "refused": dict(refused),
         "api_rss_mib": [out["api_early"], out["api_late"]], "api_fds": [out["fds_early"], out["fds_late"]],
+        "api_fds_most_per_fifth": [fds_first, fds_last],
+        "api_redis_connections_most_per_fifth": [redis_first, redis_last],
         "worker_rss_mib": {str(k): v for k, v in growth.items()}, "keys_without_ttl": dict(no_ttl),
         "sizes_without_ttl": sizes,
         "accepted_per_s": [first, last], "answer_p99_s": [p99(early_s), p99(late_s)]})
