@@ -62,8 +62,9 @@ class Soak:
 
 
 async def load(url: str, rate: float, seconds: float, soak: Soak, kill_every: float,
-               accepted: list[tuple[float, str]], refused: Counter[int]) -> None:
-    """Open loop: one POST every 1/rate s; a worker killed every kill_every s."""
+               accepted: list[tuple[float, str]], refused: Counter[int], lag: list[float]) -> None:
+    """Open loop: one POST every 1/rate s; a worker killed every kill_every s. `lag` gets
+    the most a POST was sent after its time, per fifth of the run (a late one means a burst)."""
     async with httpx.AsyncClient(base_url=url, timeout=10,
                                  limits=httpx.Limits(max_connections=200)) as http:
         async def one(i: int) -> None:
@@ -83,11 +84,18 @@ async def load(url: str, rate: float, seconds: float, soak: Soak, kill_every: fl
                 await asyncio.to_thread(soak.kill_one)  # the load goes on meanwhile
 
         kills = asyncio.create_task(killer())
-        tasks: list[asyncio.Task[None]] = []
+        # Only the requests in flight are kept: holding 90,000 finished tasks made this
+        # process's garbage collections longer and longer, and each pause sent a burst.
+        tasks: set[asyncio.Task[None]] = set()
         start = time.monotonic()
         for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-            tasks.append(asyncio.create_task(one(i)))
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            fifth = min(4, int(i / rate / seconds * 5))
+            lag[fifth] = max(lag[fifth], time.monotonic() - due)
+            task = asyncio.create_task(one(i))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         kills.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await kills
@@ -166,13 +174,14 @@ def main() -> None:
         soak.start_worker()
         accepted: list[tuple[float, str]] = []
         refused: Counter[int] = Counter()
+        lag = [0.0] * 5
         harness.say(f"soak: {args.rate:.0f} jobs/s for {seconds:.0f}s, a worker SIGKILLed every "
                     f"{args.kill_every:.0f}s...")
 
         async def run() -> dict[str, Any]:
             started = time.monotonic()
             task = asyncio.create_task(load(api.url, args.rate, seconds, soak, args.kill_every,
-                                            accepted, refused))
+                                            accepted, refused, lag))
             fds: list[tuple[float, int, int]] = []
             sampler = asyncio.create_task(sample_fds(api.proc.pid, rserver.port, 5, fds))
             await asyncio.sleep(warmup)
@@ -236,6 +245,8 @@ def main() -> None:
         *[(f"worker {pid} RSS MiB", f"{a:.1f} -> {b:.1f}", f"{(b / a - 1) * 100:+.1f}%")
           for pid, (a, b) in growth.items()],
         ("accepted/s first fifth", f"{first:.1f}", f"last fifth {last:.1f}"),
+        ("load sent late, most ms, first fifth", f"{lag[0] * 1000:.0f}",
+         f"last fifth {lag[4] * 1000:.0f} (the bench's own pauses: a burst follows)"),
         ("answer time p99 s, first fifth", f"{p99(early_s):.2f}",
          f"last fifth {p99(late_s):.2f} (steady: about equal)"),
         ("chatq keys without TTL", str(sum(no_ttl.values())), str(dict(no_ttl))),
@@ -251,7 +262,8 @@ def main() -> None:
         "api_redis_connections_most_per_fifth": [redis_first, redis_last],
         "worker_rss_mib": {str(k): v for k, v in growth.items()}, "keys_without_ttl": dict(no_ttl),
         "sizes_without_ttl": sizes,
-        "accepted_per_s": [first, last], "answer_p99_s": [p99(early_s), p99(late_s)]})
+        "accepted_per_s": [first, last], "lag_ms_per_fifth": [x * 1000 for x in lag],
+        "answer_p99_s": [p99(early_s), p99(late_s)]})
     if duplicates:
         raise SystemExit(f"{duplicates} job(s) answered twice")
 
