@@ -221,22 +221,33 @@ def kube(tools: Tools, request: pytest.FixtureRequest) -> Iterator[Kube]:
                    plane=plane, host=host, no_real_node=why)
 
 
-@pytest.fixture
-def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace named after the test; deleted afterwards, whatever happened."""
-    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+@contextlib.contextmanager
+def fresh_namespace(kube: Kube, stem: str, annotations: dict[str, str] | None = None) -> Iterator[str]:
+    """A namespace named after `stem`, ready for pods (its default ServiceAccount made); deleted
+    afterwards, whatever happened."""
+    stem = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40].strip("-")
     name = f"{stem}-{uuid.uuid4().hex[:6]}"
-    kube.kubectl("create", "namespace", name)
-    kube.kubectl("label", "namespace", name, "chatq.io/k8s-tests=true")
+    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": {"chatq.io/k8s-tests": "true"}, "annotations": annotations or {}}}
+    kube.kubectl("create", "-f", "-", input=json.dumps(manifest))
     try:
+        # The controller-manager makes the ServiceAccount: seconds when idle, but 30 s was
+        # not enough with the other test processes loading both cores.
         kube.wait_for(
             f"the default ServiceAccount in {name}",
             lambda: kube.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
-            timeout=30,
+            timeout=90,
         )
         yield name
     finally:
         kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture
+def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test."""
+    with fresh_namespace(kube, request.node.name) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")
@@ -297,10 +308,7 @@ def real_node(kube: Kube, chatq_images: dict[str, str]) -> Iterator[RealNode]:  
 
 @contextlib.contextmanager
 def real_namespace_for(real_node: RealNode, stem: str) -> Iterator[str]:
-    """A fresh namespace whose pods all run on the real node (tolerating its taint); deleted after."""
-    kube = real_node.kube
-    stem = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40].strip("-")
-    name = f"{stem}-{uuid.uuid4().hex[:6]}"
+    """A fresh namespace whose pods all run on the real node (tolerating its taint)."""
     annotations = {}
     if real_node.local is not None:
         annotations = {
@@ -308,18 +316,8 @@ def real_namespace_for(real_node: RealNode, stem: str) -> Iterator[str]:
             "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
                 [{"key": node_mod.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]),
         }
-    manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
-        "name": name, "labels": {"chatq.io/k8s-tests": "true"}, "annotations": annotations}}
-    kube.kubectl("create", "-f", "-", input=json.dumps(manifest))
-    try:
-        kube.wait_for(
-            f"the default ServiceAccount in {name}",
-            lambda: kube.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
-            timeout=30,
-        )
+    with fresh_namespace(real_node.kube, stem, annotations) as name:
         yield name
-    finally:
-        kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 
 
 @pytest.fixture
@@ -329,6 +327,7 @@ def real_namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Itera
         yield name
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (tests/conftest.py)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist every test here runs on one worker, with tests/containers (the
     images; tests/conftest.py groups the rest): the local control plane is one per machine.

@@ -26,8 +26,8 @@ BACKENDS = ["redis", "sqs"]
 # same group), the llama.cpp model, and the benchmarks' smoke runs (each loads the box on its
 # own; side by side they would only slow each other). Everything else is spread over the
 # workers as they free up (`--dist loadgroup`).
-XDIST_GROUPS = {"tests/containers/": "machine", "tests/integration/test_llamacpp.py": "llama",
-                "tests/bench/": "bench"}
+XDIST_GROUPS = {"tests/containers/": "machine", "k8s-tests/": "machine",
+                "tests/integration/test_llamacpp.py": "llama", "tests/bench/": "bench"}
 
 
 def xdist_group(relpath: str) -> str | None:
@@ -36,11 +36,27 @@ def xdist_group(relpath: str) -> str | None:
                 None)
 
 
+# tryfirst: pytest-xdist's own hook reads these marks into the test ids, so it must run after.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         group = xdist_group(item.path.relative_to(config.rootpath).as_posix())
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Refuse to run if a worker's grouped tests lack their group in their ids: the scheduler
+    reads the group from the id alone, so the tests of one group would be spread over workers
+    and fight over the one machine (pytest 9.2 with pytest-xdist 3.8 did that)."""
+    lost = [nodeid for nodeid in ids
+            if (group := xdist_group(nodeid)) and not nodeid.endswith(f"@{group}")]
+    if lost:
+        raise pytest.UsageError(
+            f"{len(lost)} tests have no @group in their ids (first: {lost[0]}), so pytest-xdist "
+            "would not keep them on one worker: run scripts/setup, which installs the pytest "
+            "that pyproject.toml pins")
 
 
 # Summary sections the xdist workers gathered (servers.hand_section), printed once at the end.

@@ -94,11 +94,12 @@ def test_slowloris_headers_get_408_and_others_are_served(stack_factory: StackFac
 def test_header_flood_gets_431(stack_factory: StackFactory) -> None:
     stack = stack_factory("redis", workers=1, **LIMITS)
     with connect(stack) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: chatq\r\n")
-        # 40 KB of headers, then silence: the server has read all of it when it answers and
-        # closes, so the close is a FIN after the 431 (unread bytes would make it a reset).
-        for i in range(40):
-            s.sendall(f"X-Filler-{i}: {'y' * 1000}\r\n".encode())
+        # 40 KB of headers, then silence, in one write: on loopback it lands in the server's
+        # socket at once, so the server has read all of it when it answers and closes, and the
+        # close is a FIN after the 431. Written a line at a time, a busy server could answer
+        # halfway, and the lines after its close would be refused (a reset, a broken pipe).
+        filler = "".join(f"X-Filler-{i}: {'y' * 1000}\r\n" for i in range(40))
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: chatq\r\n{filler}".encode())
         assert read_all(s).startswith(b"HTTP/1.1 431 ")
     served_meanwhile(stack)
 
