@@ -327,14 +327,10 @@ def real_namespace(real_node: RealNode, request: pytest.FixtureRequest) -> Itera
         yield name
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (tests/conftest.py)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist every test here runs on one worker, with tests/containers (the
-    images; tests/conftest.py groups the rest): the local control plane is one per machine.
-    Here, not there, so that it holds when k8s-tests run alone."""
-    for item in items:
-        if item.path.is_relative_to(Path(__file__).parent):
-            item.add_marker(pytest.mark.xdist_group("machine"))
+# Under pytest-xdist every test here runs on one worker with tests/containers (the images):
+# the local control plane is one per machine. Marked here too, so that it holds when
+# k8s-tests run alone (tests/conftest.py is not loaded then).
+pytest_collection_modifyitems = servers.mark_xdist_groups
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -20,29 +20,9 @@ from tests import servers
 BACKENDS = ["redis", "sqs"]
 
 
-# Under pytest-xdist (scripts/test runs `-n`), the tests that share one machine-wide thing
-# run on one worker, in order: the Docker engine's images and stacks (with the local control
-# plane and its real node, which use them: k8s-tests/conftest.py puts its own tests in the
-# same group), the llama.cpp model, and the benchmarks' smoke runs (each loads the box on its
-# own; side by side they would only slow each other). Everything else is spread over the
-# workers as they free up (`--dist loadgroup`).
-XDIST_GROUPS = {"tests/containers/": "machine", "k8s-tests/": "machine",
-                "tests/integration/test_llamacpp.py": "llama", "tests/bench/": "bench"}
-
-
-def xdist_group(relpath: str) -> str | None:
-    """The worker group of a test file (its path from the repository root), or None."""
-    return next((group for prefix, group in XDIST_GROUPS.items() if relpath.startswith(prefix)),
-                None)
-
-
-# tryfirst: pytest-xdist's own hook reads these marks into the test ids, so it must run after.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = xdist_group(item.path.relative_to(config.rootpath).as_posix())
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+# Under pytest-xdist each group of servers.XDIST_GROUPS runs on one worker. Marked here for
+# the whole session; k8s-tests/conftest.py marks its own too, for when they run alone.
+pytest_collection_modifyitems = servers.mark_xdist_groups
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -51,7 +31,7 @@ def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
     reads the group from the id alone, so the tests of one group would be spread over workers
     and fight over the one machine (pytest 9.2 with pytest-xdist 3.8 did that)."""
     lost = [nodeid for nodeid in ids
-            if (group := xdist_group(nodeid)) and not nodeid.endswith(f"@{group}")]
+            if (group := servers.xdist_group(nodeid)) and not nodeid.endswith(f"@{group}")]
     if lost:
         raise pytest.UsageError(
             f"{len(lost)} tests have no @group in their ids (first: {lost[0]}), so pytest-xdist "

@@ -41,6 +41,31 @@ def hand_section(config: pytest.Config, title: str, lines: dict[str, str]) -> No
         workeroutput.setdefault("sections", {})[title] = dict(lines)
 
 
+# Under pytest-xdist (scripts/test runs `-n`), the tests that share one machine-wide thing
+# run on one worker, in order: the Docker engine's images and stacks with the local control
+# plane and its real node, which use them; the llama.cpp model; and the benchmarks' smoke runs
+# (each loads the box on its own; side by side they would only slow each other). Everything
+# else is spread over the workers as they free up (`--dist loadgroup`).
+XDIST_GROUPS = {"tests/containers/": "machine", "k8s-tests/": "machine",
+                "tests/integration/test_llamacpp.py": "llama", "tests/bench/": "bench"}
+
+
+def xdist_group(relpath: str) -> str | None:
+    """The worker group of a test (its id or path from the repository root), or None."""
+    return next((group for prefix, group in XDIST_GROUPS.items() if relpath.startswith(prefix)),
+                None)
+
+
+# tryfirst: pytest-xdist's own hook reads these marks into the test ids, so it must run after.
+@pytest.hookimpl(tryfirst=True)
+def mark_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """pytest_collection_modifyitems: mark each test with its group (XDIST_GROUPS)."""
+    for item in items:
+        group = xdist_group(item.path.relative_to(config.rootpath).as_posix())
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def unavailable(message: str) -> NoReturn:
     """A prerequisite is missing: skip, saying why and what to run; in CI (CI=true) fail,
     since nothing an issue asks for may hide behind a skip there."""
